@@ -1,0 +1,89 @@
+"""Errors raised by the HubSpot provider.
+
+One root, :class:`HubSpotError`, so a DAG can catch everything the provider raises. Each message
+says what was wrong and what to do; HubSpot's ``correlationId`` travels with the error (quote it to
+HubSpot support). No error ever carries the access token.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk.exceptions import AirflowException
+
+if TYPE_CHECKING:
+    from hubspot_provider.hooks.hubspot import WriteReport
+
+
+class HubSpotError(AirflowException):
+    """Base of every error the provider raises.
+
+    :param message: what went wrong and what to do about it.
+    :param status_code: HTTP status HubSpot answered with, when there was a response.
+    :param correlation_id: HubSpot's ``correlationId`` for the failing request, when known.
+    :param category: HubSpot's error ``category`` (e.g. ``MISSING_SCOPES``), when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        correlation_id: str | None = None,
+        category: str | None = None,
+    ) -> None:
+        if correlation_id:
+            message = f"{message} (HubSpot correlationId {correlation_id})"
+        super().__init__(message)
+        self.status_code = status_code
+        self.correlation_id = correlation_id
+        self.category = category
+
+
+class HubSpotConfigError(HubSpotError):
+    """The connection or a hook argument is unusable (bad host, plain http to a remote host, …)."""
+
+
+class HubSpotAuthError(HubSpotError):
+    """HubSpot refused the credentials (401) or the OAuth refresh failed."""
+
+
+class HubSpotScopeError(HubSpotAuthError):
+    """HubSpot answered 403: the token lacks a scope. ``required_scopes`` lists what it asked for."""
+
+    def __init__(self, message: str, *, required_scopes: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.required_scopes = required_scopes or []
+
+
+class HubSpotRequestError(HubSpotError):
+    """HubSpot answered with an error the hook cannot recover from (e.g. 404: wrong base path)."""
+
+
+class _InterruptedWrite(HubSpotError):
+    """A write stopped part-way; ``partial_report`` accounts for every input handled before the stop.
+
+    Inputs not in the partial report were never acknowledged by HubSpot. Writes are idempotent, so
+    re-submitting them (or the whole input) is safe.
+    """
+
+    def __init__(self, message: str, *, partial_report: WriteReport | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.partial_report = partial_report
+
+
+class HubSpotDailyLimitError(_InterruptedWrite):
+    """HubSpot's ``DAILY`` request limit is used up; it is not retried in-process.
+
+    :param reset_at: when the limit resets (aware UTC datetime): midnight in the portal's time zone,
+        or sooner when HubSpot sent ``Retry-After``. An operator can defer until then.
+    """
+
+    def __init__(self, message: str, *, reset_at: datetime, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.reset_at = reset_at
+
+
+class HubSpotUnavailableError(_InterruptedWrite):
+    """HubSpot stayed unavailable (5xx, rate limits, timeouts, dropped connections) past the retry budget."""
