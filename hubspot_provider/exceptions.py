@@ -73,16 +73,22 @@ class _InterruptedWrite(HubSpotError):
         self.partial_report = partial_report
 
 
-class HubSpotDailyLimitError(_InterruptedWrite):
-    """HubSpot's ``DAILY`` request limit is used up; it is not retried in-process.
+class HubSpotRateLimitError(_InterruptedWrite):
+    """HubSpot asked for a wait longer than the hook may sleep in-process (``max_wait_s``).
 
-    :param reset_at: when the limit resets (aware UTC datetime): midnight in the portal's time zone,
-        or sooner when HubSpot sent ``Retry-After``. An operator can defer until then.
+    :param reset_at: when requests may resume (aware UTC datetime). An operator can defer until then.
     """
 
     def __init__(self, message: str, *, reset_at: datetime, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.reset_at = reset_at
+
+
+class HubSpotDailyLimitError(HubSpotRateLimitError):
+    """HubSpot's ``DAILY`` request limit is used up; it is never retried in-process.
+
+    ``reset_at`` is midnight in the portal's time zone, or sooner when HubSpot sent ``Retry-After``.
+    """
 
 
 class HubSpotUnavailableError(_InterruptedWrite):

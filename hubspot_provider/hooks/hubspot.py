@@ -33,6 +33,7 @@ from hubspot_provider.exceptions import (
     HubSpotConfigError,
     HubSpotDailyLimitError,
     HubSpotError,
+    HubSpotRateLimitError,
     HubSpotRequestError,
     HubSpotScopeError,
     HubSpotUnavailableError,
@@ -56,6 +57,7 @@ DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_MAX_RETRIES = 8
 DEFAULT_RETRY_BUDGET_S = 300.0
+DEFAULT_MAX_WAIT_S = 120.0
 DEFAULT_MAX_CONCURRENCY = 4
 OAUTH_TOKEN_PATH = "/oauth/v1/token"
 WRITE_SCOPE = "communication_preferences.statuses.batch.write"
@@ -66,6 +68,7 @@ UNMAPPED_ERROR = "UNMAPPED_ERROR"
 NO_RESULT = "NO_RESULT"
 _RETRYABLE_CATEGORIES = {"RATE_LIMITS", NO_RESULT, UNMAPPED_ERROR}
 
+_SECRET_EXTRAS = {"client_secret", "refresh_token"}
 _TRANSIENT_STATUS = {423, 477, 500, 502, 503, 504, 520, 521, 522, 523, 524}
 
 
@@ -180,6 +183,7 @@ class _RateLimitPacer:
         self._in_flight = 0
         self._others = 0
         self._blocked_until = 0.0
+        self._consecutive_429 = 0
         self._cond = threading.Condition()
 
     def _budget(self) -> int:
@@ -202,9 +206,11 @@ class _RateLimitPacer:
                 timeout = (self._done[0] - horizon) if self._done else None
                 self._cond.wait(timeout)
 
-    def release(self, headers: Mapping[str, str] | None) -> None:
+    def release(self, headers: Mapping[str, str] | None, *, rate_limited: bool = False) -> None:
         with self._cond:
             self._in_flight -= 1
+            if not rate_limited:
+                self._consecutive_429 = 0
             now = time.monotonic()
             self._done.append(now)
             if headers:
@@ -232,11 +238,25 @@ class _RateLimitPacer:
             self._blocked_until = max(self._blocked_until, time.monotonic() + seconds)
 
     def wait_after_429(self) -> float:
-        """Seconds until the oldest request we know of leaves the window (at least 1/20 of it)."""
+        """How long to hold off after a 429 that came without ``Retry-After``.
+
+        A 429 while our own window is far from full means other clients of the app filled it, and
+        when their requests leave the window is unknown: start at 1/20 of the window and double on
+        each consecutive 429, up to the whole window. Rejected requests do not use up the budget,
+        so a short first wait costs little.
+        """
         with self._cond:
-            now = time.monotonic()
-            until_free = (self._done[0] + self.interval_s - now) if self._done else self.interval_s
-            return max(self.interval_s / 20, min(until_free, self.interval_s))
+            self._consecutive_429 += 1
+            return min(self.interval_s, self.interval_s / 20 * 2 ** (self._consecutive_429 - 1))
+
+
+@dataclass
+class _ConnectionSettings:
+    host: str | None
+    schema: str | None
+    port: int | None
+    password: _Secret | None
+    extra: dict[str, Any]
 
 
 @dataclass
@@ -330,6 +350,8 @@ class HubSpotHook(HttpHook):
     :param max_retries: retries per request for transient failures (429 rolling, 5xx, timeouts,
         dropped connections).
     :param retry_budget_s: give up retrying one request after this many seconds.
+    :param max_wait_s: longest wait HubSpot may ask for (``Retry-After``) that the hook sleeps
+        through; a longer one raises :class:`HubSpotRateLimitError` so an operator can defer.
     :param max_concurrency: batches in flight at once (requests to HubSpot run in parallel threads;
         pacing keeps the total under the rate limit).
     :param require_legal_basis: reject inputs lacking ``legalBasis`` and ``legalBasisExplanation``
@@ -351,6 +373,7 @@ class HubSpotHook(HttpHook):
         timeout: float | None = None,
         max_retries: int | None = None,
         retry_budget_s: float | None = None,
+        max_wait_s: float | None = None,
         max_concurrency: int | None = None,
         require_legal_basis: bool = False,
         **kwargs: Any,
@@ -365,6 +388,7 @@ class HubSpotHook(HttpHook):
         self._timeout_arg = timeout
         self._max_retries_arg = max_retries
         self.retry_budget_s = DEFAULT_RETRY_BUDGET_S if retry_budget_s is None else retry_budget_s
+        self.max_wait_s = DEFAULT_MAX_WAIT_S if max_wait_s is None else max_wait_s
         self.max_concurrency = max(1, max_concurrency or DEFAULT_MAX_CONCURRENCY)
         self.require_legal_basis = require_legal_basis
         self._session: requests.Session | None = None
@@ -380,13 +404,23 @@ class HubSpotHook(HttpHook):
     # ------------------------------------------------------------------ connection and settings
 
     @cached_property
-    def _conn(self) -> Any:
-        return self.get_connection(self.hubspot_conn_id)
+    def _conn(self) -> _ConnectionSettings:
+        # Keep only what the hook needs: Airflow's Connection repr shows the password.
+        conn = self.get_connection(self.hubspot_conn_id)
+        return _ConnectionSettings(
+            host=conn.host,
+            schema=conn.schema,
+            port=conn.port,
+            password=_Secret(conn.password) if conn.password else None,
+            extra={
+                key: _Secret(str(value)) if key.removeprefix("extra__hubspot__") in _SECRET_EXTRAS else value
+                for key, value in (conn.extra_dejson or {}).items()
+            },
+        )
 
     def _extra(self, name: str, default: Any = None) -> Any:
-        extra = self._conn.extra_dejson or {}
         for key in (name, f"extra__hubspot__{name}"):
-            value = extra.get(key)
+            value = self._conn.extra.get(key)
             if value not in (None, ""):
                 return value
         return default
@@ -443,18 +477,16 @@ class HubSpotHook(HttpHook):
         client_id = self._extra("client_id")
         secret = self._extra("client_secret")
         refresh = self._extra("refresh_token")
-        if client_id and secret and refresh:
-            self._mask(secret, refresh)
-            return str(client_id), _Secret(str(secret)), _Secret(str(refresh))
+        if client_id and isinstance(secret, _Secret) and isinstance(refresh, _Secret):
+            self._mask(secret.get(), refresh.get())
+            return str(client_id), secret, refresh
         return None
 
     @cached_property
     def _static_token(self) -> _Secret | None:
-        password = self._conn.password
-        if password:
-            self._mask(password)
-            return _Secret(password)
-        return None
+        if self._conn.password is not None:
+            self._mask(self._conn.password.get())
+        return self._conn.password
 
     @staticmethod
     def _mask(*secrets: str) -> None:
@@ -635,7 +667,10 @@ class HubSpotHook(HttpHook):
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _Transient(f"{type(exc).__name__} talking to HubSpot") from None
         finally:
-            self.pacer.release(response.headers if response is not None else None)
+            self.pacer.release(
+                response.headers if response is not None else None,
+                rate_limited=response is not None and response.status_code == 429,
+            )
 
         status = response.status_code
         correlation_id = response.headers.get("X-HubSpot-Correlation-Id")
@@ -658,6 +693,16 @@ class HubSpotHook(HttpHook):
             wait_s = self._retry_after(response)
             if wait_s is None:
                 wait_s = self.pacer.wait_after_429()
+            if wait_s > self.max_wait_s:
+                reset_at = datetime.now(timezone.utc) + timedelta(seconds=wait_s)
+                raise HubSpotRateLimitError(
+                    f"HubSpot asked to wait {wait_s:.0f}s ({body.policy_name or 'rate limit'}), longer than "
+                    f"max_wait_s={self.max_wait_s:.0f}; resume after {reset_at.isoformat()}",
+                    reset_at=reset_at,
+                    status_code=429,
+                    correlation_id=correlation_id,
+                    category="RATE_LIMITS",
+                )
             self.pacer.block_for(wait_s)
             raise _Transient(f"429 {body.policy_name or 'rate limit'}", wait_s=wait_s, correlation_id=correlation_id)
         if status in _TRANSIENT_STATUS or status >= 500:
@@ -830,8 +875,10 @@ class HubSpotHook(HttpHook):
           connections are retried with backoff and jitter.
 
         Raises :class:`HubSpotAuthError`/:class:`HubSpotScopeError` at once on 401/403,
-        :class:`HubSpotDailyLimitError` on the ``DAILY`` limit and :class:`HubSpotUnavailableError`
-        when retries run out; both carry ``partial_report`` for the inputs handled before the stop.
+        :class:`HubSpotDailyLimitError` on the ``DAILY`` limit, :class:`HubSpotRateLimitError` when
+        HubSpot asks for a wait over ``max_wait_s``, and :class:`HubSpotUnavailableError` when
+        retries run out; these carry ``partial_report`` (the inputs accounted for before the stop;
+        the rest were not acknowledged, and re-sending them is safe).
 
         .. code-block:: python
 
@@ -890,8 +937,6 @@ class HubSpotHook(HttpHook):
                         del key_owner[item.key]
                 try:
                     absorb(future.result())
-                except (HubSpotDailyLimitError, HubSpotUnavailableError) as exc:
-                    interruption = interruption or exc
                 except HubSpotError as exc:
                     interruption = interruption or exc
 
@@ -941,7 +986,7 @@ class HubSpotHook(HttpHook):
         finish()
         if interruption is not None:
             self.log.warning("HubSpot write interrupted after %s", report.summary())
-            if isinstance(interruption, (HubSpotDailyLimitError, HubSpotUnavailableError)):
+            if isinstance(interruption, (HubSpotRateLimitError, HubSpotUnavailableError)):
                 interruption.partial_report = report
             raise interruption
         self.log.info("HubSpot write: %s", report.summary())
