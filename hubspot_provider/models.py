@@ -211,7 +211,8 @@ class ErrorDetail(_Response):
     message: str | None = None
     code: str | None = None
     in_: str | None = Field(default=None, alias="in")
-    context: dict[str, Any] | None = None
+    # HubSpot's own example sends this as a string ("{missingScopes=[scope1, scope2]}").
+    context: dict[str, Any] | str | None = None
     sub_category: Any = None
 
 
@@ -243,9 +244,15 @@ class ErrorBody(_Response):
     def required_scopes(self) -> list[str]:
         """Scopes a 403 ``MISSING_SCOPES`` body says the token lacks (empty when it names none)."""
         scopes: list[str] = []
-        for source in [self.context or {}] + [d.context or {} for d in self.errors or []]:
+        for source in [self.context] + [d.context for d in self.errors or []]:
+            if isinstance(source, str):
+                # The Java-map rendering HubSpot's examples show: "{missingScopes=[a, b]}".
+                source = {
+                    name: [v.strip() for v in values.split(",") if v.strip()]
+                    for name, values in re.findall(r"(\w+)=\[([^\]]*)\]", source)
+                }
             for name in ("requiredScopes", "missingScopes", "requiredGranularScopes"):
-                value = source.get(name)
+                value = (source or {}).get(name)
                 if isinstance(value, list):
                     scopes.extend(str(v) for v in value if str(v) not in scopes)
         return scopes

@@ -1,0 +1,74 @@
+"""Provider registration, checked through Airflow's own CLI and connection machinery."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hubspot_provider.get_provider_info import get_provider_info
+from hubspot_provider.hooks.hubspot import HubSpotHook
+
+
+@pytest.fixture(scope="module")
+def airflow_cli(tmp_path_factory):
+    home = tmp_path_factory.mktemp("airflow-home")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+    }
+    airflow = str(Path(sys.executable).with_name("airflow"))
+
+    def run(*args: str) -> str:
+        done = subprocess.run([airflow, *args], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    return run
+
+
+def test_provider_info_matches_the_distribution():
+    from importlib.metadata import version
+
+    info = get_provider_info()
+    assert info["package-name"] == "hubspot-provider"
+    assert info["versions"] == [version("hubspot-provider")]
+    (conn_type,) = info["connection-types"]
+    assert conn_type["hook-class-name"] == "hubspot_provider.hooks.hubspot.HubSpotHook"
+    assert conn_type["connection-type"] == HubSpotHook.conn_type
+    assert {"api_version", "batch_size", "timeout", "max_retries"} <= set(conn_type["conn-fields"])
+    assert conn_type["ui-field-behaviour"]["placeholders"]["host"] == "https://api.hubapi.com"
+
+
+def test_airflow_lists_the_provider_and_hook(airflow_cli):
+    providers = json.loads(airflow_cli("providers", "list", "-o", "json"))
+    assert any(p["package_name"] == "hubspot-provider" for p in providers)
+    hooks = json.loads(airflow_cli("providers", "hooks", "-o", "json"))
+    ours = [h for h in hooks if h["connection_type"] == "hubspot"]
+    assert ours and ours[0]["class"] == "hubspot_provider.hooks.hubspot.HubSpotHook"
+    assert ours[0]["conn_id_attribute_name"] == "hubspot_conn_id"
+
+
+def test_connections_add_keeps_the_hubspot_type(airflow_cli):
+    airflow_cli("db", "migrate")
+    airflow_cli(
+        "connections", "add", "hubspot_cli", "--conn-type", "hubspot", "--conn-host", "https://api.hubapi.com",
+        "--conn-password", "pat-cli-secret", "--conn-extra", json.dumps({"batch_size": 50}),
+    )
+    stored = json.loads(airflow_cli("connections", "get", "hubspot_cli", "-o", "json"))
+    assert stored[0]["conn_type"] == "hubspot"
+
+
+def test_connection_get_hook_builds_a_hubspot_hook(monkeypatch):
+    from airflow.sdk import Connection
+
+    conn = Connection(conn_id="hubspot_x", conn_type="hubspot", password="pat-x")
+    monkeypatch.setenv("AIRFLOW_CONN_HUBSPOT_X", conn.as_json())
+    hook = conn.get_hook(hook_params={"method": "POST", "tcp_keep_alive": True})
+    assert isinstance(hook, HubSpotHook) and hook.hubspot_conn_id == "hubspot_x"
