@@ -116,7 +116,7 @@ _EMAIL_RE = re.compile(
 def _check_email(value: str) -> str:
     if len(value) > 254 or not _EMAIL_RE.fullmatch(value) or len(value.partition("@")[0]) > 64:
         raise ValueError(
-            "subscriberIdString must be the contact's email address (e.g. ada@example.com); "
+            "must be the contact's email address (e.g. ada@example.com); "
             "fix or drop this row at the source"
         )
     return value
