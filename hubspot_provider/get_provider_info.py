@@ -24,6 +24,9 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "hooks": [{"integration-name": "HubSpot", "python-modules": ["hubspot_provider.hooks.hubspot"]}],
+        "operators": [
+            {"integration-name": "HubSpot", "python-modules": ["hubspot_provider.operators.hubspot"]}
+        ],
         "connection-types": [
             {
                 "connection-type": "hubspot",

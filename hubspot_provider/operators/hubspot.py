@@ -1,0 +1,644 @@
+"""HubSpotWriteStatusesOperator: write subscription statuses from inline rows or staged JSONL files.
+
+The operator owns the Airflow side of a sync: reading staged input from object storage, streaming
+it to :meth:`HubSpotHook.write_statuses <hubspot_provider.hooks.hubspot.HubSpotHook.write_statuses>`
+segment by segment, dead-letter files, checkpoints, deferral while HubSpot's rate limit resets, the
+failure policy and a small summary for XCom. Talking to HubSpot stays in the hook.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from pydantic.alias_generators import to_camel
+
+from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+from airflow.sdk import BaseOperator, ObjectStoragePath
+from airflow.sdk.configuration import conf
+from airflow.sdk.exceptions import AirflowFailException
+from hubspot_provider.exceptions import HubSpotRateLimitError, HubSpotUnavailableError
+from hubspot_provider.hooks.hubspot import INVALID_INPUT, FailedInput, HubSpotHook, WriteReport
+from hubspot_provider.models import PublicStatusRequest
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+__all__ = ["HubSpotWriteStatusesOperator"]
+
+CHECKPOINT_VERSION = 1
+DEAD_LETTER_FOLDER = "dead-letters"
+FOLDER_CHECKPOINT = "_checkpoint.json"
+FILE_CHECKPOINT_SUFFIX = ".checkpoint.json"
+SEGMENT_BATCHES = 20
+# Longer rate-limit waits are better spent deferred (or failed for a task retry) than holding a worker slot.
+MAX_INLINE_SLEEP_S = 300.0
+# Waiting again and again without finishing a segment means something else eats the whole budget.
+MAX_STALLED_WAITS = 10
+PROGRESS_XCOM_KEY = "hubspot_write_progress"
+_LINE_DIGITS = 10
+_RAW_LINE_LIMIT = 2000
+_WIRE_NAMES = {name: to_camel(name) for name in PublicStatusRequest.model_fields}
+
+
+@dataclass
+class _Progress:
+    """Where a run is and what it has done so far; small and JSON-able (checkpoint and defer kwargs)."""
+
+    lines_done: int = 0
+    file_index: int = 0
+    file_line: int = 0
+    segments: int = 0
+    submitted: int = 0
+    succeeded: int = 0
+    superseded: int = 0
+    failed: int = 0
+    skipped: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    failed_by_category: dict[str, int] = field(default_factory=dict)
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    deferrals: int = 0
+    stalled_waits: int = 0
+    dead_letter_files: int = 0
+    elapsed_s: float = 0.0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> _Progress:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in (data or {}).items() if k in known})
+
+    def add_traffic(self, report: WriteReport | None) -> None:
+        # Requests of an interrupted segment really happened, but its outcomes are discarded:
+        # the whole segment is sent again, so counting them now would count inputs twice.
+        if report is not None:
+            self.requests += report.requests
+            self.retries += report.retries
+            self.rate_limited += report.rate_limited
+
+    def add_outcomes(self, report: WriteReport) -> None:
+        self.submitted += report.submitted
+        self.succeeded += report.succeeded
+        self.superseded += report.superseded
+        self.failed += report.failed_count
+        for name, count in report.reasons.items():
+            self.reasons[name] = self.reasons.get(name, 0) + count
+        for name, count in report.failed_by_category.items():
+            self.failed_by_category[name] = self.failed_by_category.get(name, 0) + count
+        self.add_traffic(report)
+
+    def add_unsendable(self, count: int) -> None:
+        if not count:
+            return
+        self.submitted += count
+        self.failed += count
+        self.failed_by_category[INVALID_INPUT] = self.failed_by_category.get(INVALID_INPUT, 0) + count
+
+
+@dataclass
+class _Record:
+    """One input line (or inline item), as much of it as the sync needs."""
+
+    line: int  # 1-based position across the whole input: names dead-letter parts
+    file_index: int
+    file_line: int  # 1-based line within its file (0 for inline input)
+    kind: str  # "input", "invalid" (not JSON) or "skip" (only_retryable)
+    value: Any = None
+    occurred_at: Any = None
+    error: str | None = None
+
+
+@dataclass
+class _Staged:
+    root: ObjectStoragePath
+    is_folder: bool
+    files: list[ObjectStoragePath]
+    checkpoint: ObjectStoragePath
+    dead_letters: ObjectStoragePath
+    fingerprint: list[list[Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Name and size of every file: enough to tell a checkpoint from another input's.
+        self.fingerprint = [[f.name, f.stat().st_size] for f in self.files]
+
+
+class HubSpotWriteStatusesOperator(BaseOperator):
+    """Write email subscription statuses to HubSpot and account for every input.
+
+    Inputs come either inline (``inputs``: a small list, often from XCom) or staged as JSONL in
+    object storage (``input_uri``: one file, or a folder whose ``*.jsonl`` files are read in name
+    order; names starting with ``_`` are skipped). Each line is
+    ``{"input": {<PublicStatusRequest, camelCase>}, "occurredAt": "<ISO-8601>"}``, or just the
+    input object. Staged input is streamed in segments of ``segment_size`` lines, each one
+    :meth:`~hubspot_provider.hooks.hubspot.HubSpotHook.write_statuses` call, so memory stays flat
+    in the number of records.
+
+    * **Dead letters.** Every input that did not land (invalid, rejected by HubSpot, or a line
+      that is not JSON) is written to ``dead_letter_uri`` as a JSONL line
+      ``{"input", "category", "message", "retryable", "occurredAt"}``, one part file per segment
+      with failures. A dead-letter line is itself a valid staged line: to replay, point
+      ``input_uri`` at the dead-letter file or folder (with ``only_retryable=True`` to skip what
+      will fail again).
+    * **Checkpoints.** After each segment of staged input, progress is saved beside the input
+      (``<file>.checkpoint.json`` or ``<folder>/_checkpoint.json``). A task retry, or a resume after
+      deferral, continues from there; on completion the checkpoint is removed, so clearing the
+      task later replays everything. Writes are idempotent and part files are overwritten, so a
+      replay never duplicates a status or a dead letter.
+    * **Rate limits.** When HubSpot's limit (including the ``DAILY`` one) needs a wait longer than
+      ``max_wait_s``, a deferrable operator defers until the reset; otherwise it sleeps through
+      waits of a few minutes and fails longer ones (the task retry resumes from the checkpoint).
+    * **Failure policy.** Bad data never stops the sync. Once everything is sent, the task fails
+      (without retries) only if ``failed / submitted`` exceeds ``max_failed_ratio``.
+    * HubSpot staying unavailable, and authentication or scope errors, fail the task at once.
+
+    Returns (XCom) a summary of counts, never records: ``submitted, succeeded, changed,
+    unchanged, superseded, failed, skipped, failed_by_category, reasons, dead_letter_uri,
+    dead_letter_files, requests, retries, rate_limited, deferrals, elapsed_s, records_per_s``.
+    ``elapsed_s`` is time spent sending, summed over tries, excluding rate-limit waits.
+
+    .. code-block:: python
+
+        from hubspot_provider.operators.hubspot import HubSpotWriteStatusesOperator
+
+        sync = HubSpotWriteStatusesOperator(
+            task_id="write_statuses",
+            input_uri="s3://aws_default@consent-bucket/staged/{{ ds }}/",
+            max_failed_ratio=0.05,
+            deferrable=True,
+        )
+        replay = HubSpotWriteStatusesOperator(
+            task_id="replay_dead_letters",
+            input_uri="s3://aws_default@consent-bucket/staged/{{ ds }}/dead-letters/",
+            only_retryable=True,
+        )
+
+    :param inputs: inline inputs (dicts, camelCase or snake_case, optionally wrapped as
+        ``{"input": ..., "occurredAt": ...}``). Templated; exactly one of ``inputs`` and
+        ``input_uri`` must be given.
+    :param input_uri: Airflow object-storage URI (``file://``, ``s3://conn_id@bucket/...``, …) of a
+        staged JSONL file or folder. Templated.
+    :param dead_letter_uri: folder for dead-letter part files. Default for staged input: a
+        ``dead-letters/`` folder beside the file (or beside the folder, i.e. in its parent); for
+        inline input, none (failures are only counted). Templated.
+    :param hubspot_conn_id: Airflow connection of type ``hubspot``. Templated.
+    :param batch_size: inputs per request; defaults to the connection's (else 100). Templated.
+    :param max_failed_ratio: largest share of failed inputs that still counts as success (0..1).
+    :param require_legal_basis: reject inputs lacking ``legalBasis``/``legalBasisExplanation``
+        before sending (GDPR-enabled portals).
+    :param max_concurrency: batches in flight at once (the hook's default when ``None``).
+    :param only_retryable: skip lines whose ``retryable`` is ``false``, i.e. dead letters that
+        would fail again; use when replaying dead letters.
+    :param deferrable: defer (free the worker slot) while a rate limit resets.
+    :param max_wait_s: longest rate-limit wait the hook sleeps through before raising for deferral.
+    :param segment_size: lines per checkpointed segment (default ``batch_size * 20``).
+    """
+
+    template_fields: Sequence[str] = (
+        "inputs",
+        "input_uri",
+        "dead_letter_uri",
+        "hubspot_conn_id",
+        "batch_size",
+    )
+    template_fields_renderers = {"inputs": "json"}
+    ui_color = "#ff7a59"
+
+    def __init__(
+        self,
+        *,
+        inputs: list[dict[str, Any]] | str | None = None,
+        input_uri: str | None = None,
+        dead_letter_uri: str | None = None,
+        hubspot_conn_id: str = HubSpotHook.default_conn_name,
+        batch_size: int | None = None,
+        max_failed_ratio: float = 0.25,
+        require_legal_basis: bool = False,
+        max_concurrency: int | None = None,
+        only_retryable: bool = False,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        max_wait_s: float = 120,
+        segment_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if (inputs is None) == (input_uri is None):
+            raise ValueError(
+                "Give exactly one of inputs (inline rows) and input_uri (staged JSONL file or folder)"
+            )
+        if not 0 <= max_failed_ratio <= 1:
+            raise ValueError(f"max_failed_ratio must be between 0 and 1, got {max_failed_ratio}")
+        if segment_size is not None and segment_size < 1:
+            raise ValueError(f"segment_size must be a positive number of lines, got {segment_size}")
+        self.inputs = inputs
+        self.input_uri = input_uri
+        self.dead_letter_uri = dead_letter_uri
+        self.hubspot_conn_id = hubspot_conn_id
+        self.batch_size = batch_size
+        self.max_failed_ratio = max_failed_ratio
+        self.require_legal_basis = require_legal_basis
+        self.max_concurrency = max_concurrency
+        self.only_retryable = only_retryable
+        self.deferrable = deferrable
+        self.max_wait_s = max_wait_s
+        self.segment_size = segment_size
+
+    @cached_property
+    def hook(self) -> HubSpotHook:
+        """The :class:`~hubspot_provider.hooks.hubspot.HubSpotHook` this task writes through."""
+        return HubSpotHook(
+            self.hubspot_conn_id,
+            batch_size=self._batch_size,
+            max_wait_s=self.max_wait_s,
+            max_concurrency=self.max_concurrency,
+            require_legal_basis=self.require_legal_basis,
+        )
+
+    @property
+    def _batch_size(self) -> int | None:
+        # Rendered templates are strings.
+        return int(self.batch_size) if self.batch_size not in (None, "") else None
+
+    # ------------------------------------------------------------------ entry points
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        """Write every input (resuming from a checkpoint when one exists) and return the summary."""
+        return self._run(context, None, resuming=False)
+
+    def execute_complete(
+        self, context: Context, event: Any = None, progress: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Resume after a rate-limit deferral: staged input from its checkpoint, inline from ``progress``.
+
+        :param event: the trigger's payload (the moment the wait ended); not needed.
+        :param progress: where inline input stopped, passed through the deferral.
+        """
+        if progress is None and self.input_uri is None:
+            # ``airflow dags test`` (3.3) resumes with the event only, dropping the defer kwargs; the
+            # copy in XCom (kept while a task is deferred) stops it restarting from the first input.
+            ti = context.get("ti") if context else None
+            if ti is not None:
+                progress = ti.xcom_pull(task_ids=ti.task_id, key=PROGRESS_XCOM_KEY, map_indexes=ti.map_index)
+        return self._run(context, progress, resuming=True)
+
+    # ------------------------------------------------------------------ the run
+
+    def _run(self, context: Context, resumed: dict[str, Any] | None, *, resuming: bool) -> dict[str, Any]:
+        staged = self._staged() if self.input_uri is not None else None
+        segment_size = self.segment_size or (self._batch_size or self.hook.batch_size) * SEGMENT_BATCHES
+        if staged is not None:
+            progress, segment_size = self._load_checkpoint(staged, segment_size)
+            dead_letters: ObjectStoragePath | None = staged.dead_letters
+        else:
+            progress = _Progress.from_dict(resumed) if resumed else None
+            dead_letters = None
+            if self.dead_letter_uri:
+                dead_letters = ObjectStoragePath(str(self.dead_letter_uri).strip())
+        prefix = self._part_prefix(staged)
+        if progress is None:
+            progress = _Progress()
+            if dead_letters is not None:
+                self._remove_stale_parts(dead_letters, prefix)
+        else:
+            if not resuming:
+                progress.stalled_waits = 0  # a new try deserves a full allowance of waits
+            self.log.info("Resuming after %d lines (%d segments) already written", progress.lines_done,
+                          progress.segments)
+
+        mark = time.monotonic()
+
+        def save() -> None:
+            nonlocal mark
+            now = time.monotonic()
+            progress.elapsed_s = round(progress.elapsed_s + now - mark, 3)
+            mark = now
+            if staged is not None:
+                self._save_checkpoint(staged, progress, segment_size)
+
+        while True:
+            try:
+                for segment in self._segments(staged, progress, segment_size):
+                    self._write_segment(segment, progress, dead_letters, prefix)
+                    save()
+                break
+            except HubSpotRateLimitError as exc:
+                progress.add_traffic(exc.partial_report)
+                progress.stalled_waits += 1
+                save()
+                wait_s = (exc.reset_at - datetime.now(timezone.utc)).total_seconds()
+                if progress.stalled_waits > MAX_STALLED_WAITS:
+                    self.log.error(
+                        "HubSpot rate limit: %d waits in a row without finishing a segment; something else "
+                        "uses up the budget. Failing; a task retry resumes from the checkpoint",
+                        progress.stalled_waits - 1,
+                    )
+                    raise
+                if self.deferrable:
+                    self._defer_until(exc, progress, staged, context, save)
+                if wait_s > MAX_INLINE_SLEEP_S:
+                    self.log.error(
+                        "HubSpot rate limit resets at %s, too far off to wait in a worker slot. Failing; a "
+                        "task retry resumes from the checkpoint (deferrable=True waits without a slot)",
+                        exc.reset_at.isoformat(),
+                    )
+                    raise
+                self.log.info("HubSpot rate limit: waiting %.0fs until %s, then resuming", wait_s,
+                              exc.reset_at.isoformat())
+                # Retry-After has one-second resolution; a little slack avoids hitting the limit again.
+                time.sleep(max(0.0, wait_s) + 0.5)
+                mark = time.monotonic()
+            except HubSpotUnavailableError as exc:
+                progress.add_traffic(exc.partial_report)
+                save()
+                raise
+
+        if staged is not None:
+            staged.checkpoint.unlink(missing_ok=True)
+        summary = self._summary(progress, dead_letters)
+        if not progress.submitted and not progress.skipped:
+            self.log.warning("No input to write: %s holds no lines", self.input_uri or "inputs")
+        self.log.info("HubSpot status sync: %s", json.dumps(summary, sort_keys=True))
+        self._apply_failure_policy(summary, context)
+        return summary
+
+    def _defer_until(
+        self,
+        exc: HubSpotRateLimitError,
+        progress: _Progress,
+        staged: _Staged | None,
+        context: Context,
+        save: Callable[[], None],
+    ) -> None:
+        progress.deferrals += 1
+        save()
+        self.log.info(
+            "HubSpot rate limit (%s): deferring until %s; %d segments done, the interrupted one is sent "
+            "again on resume", exc.category or "429", exc.reset_at.isoformat(), progress.segments,
+        )
+        kwargs = None
+        if staged is None:
+            kwargs = {"progress": asdict(progress)}
+            ti = context.get("ti") if context else None
+            if ti is not None:
+                ti.xcom_push(key=PROGRESS_XCOM_KEY, value=kwargs["progress"])
+        self.defer(
+            trigger=DateTimeTrigger(moment=exc.reset_at), method_name="execute_complete", kwargs=kwargs
+        )
+
+    def _write_segment(
+        self,
+        segment: list[_Record],
+        progress: _Progress,
+        dead_letters: ObjectStoragePath | None,
+        prefix: str,
+    ) -> None:
+        sendable = [r for r in segment if r.kind == "input"]
+        letters: list[tuple[int, dict[str, Any]]] = [
+            (r.line, _dead_letter(r.value, INVALID_INPUT, r.error or "not valid JSON", False, None))
+            for r in segment if r.kind == "invalid"
+        ]
+        report = self.hook.write_statuses((r.value for r in sendable), batch_size=self._batch_size)
+        for failure in report.failed:
+            record = sendable[failure.index or 0]
+            letters.append((record.line, _dead_letter_from(failure, record.occurred_at)))
+        progress.add_outcomes(report)
+        progress.add_unsendable(sum(1 for r in segment if r.kind == "invalid"))
+        progress.skipped += sum(1 for r in segment if r.kind == "skip")
+        last = segment[-1]
+        if letters and dead_letters is not None:
+            self._write_part(dead_letters, f"{prefix}{segment[0].line:0{_LINE_DIGITS}d}.jsonl", letters)
+            progress.dead_letter_files += 1
+        progress.lines_done = last.line
+        progress.file_index, progress.file_line = last.file_index, last.file_line
+        progress.segments += 1
+        progress.stalled_waits = 0
+
+    def _apply_failure_policy(self, summary: dict[str, Any], context: Context) -> None:
+        submitted, failed = summary["submitted"], summary["failed"]
+        if submitted and failed / submitted > self.max_failed_ratio:
+            # A failed task pushes no return value; an alerting task downstream still needs the counts.
+            ti = context.get("ti") if context else None
+            if ti is not None and self.do_xcom_push:
+                ti.xcom_push(key="return_value", value=summary)
+            categories = ", ".join(f"{k}={v}" for k, v in sorted(summary["failed_by_category"].items()))
+            where = summary["dead_letter_uri"] or "not written (set dead_letter_uri to keep them)"
+            raise AirflowFailException(
+                f"{failed} of {submitted} inputs failed ({failed / submitted:.1%}, above max_failed_ratio "
+                f"{self.max_failed_ratio:.1%}): {categories}. Dead letters: {where}. Fix the data at the "
+                "source, or replay the dead letters with only_retryable=True"
+            )
+
+    def _summary(self, progress: _Progress, dead_letters: ObjectStoragePath | None) -> dict[str, Any]:
+        unchanged = progress.reasons.get("NO_STATUS_CHANGE", 0)
+        elapsed = progress.elapsed_s
+        written = dead_letters is not None and progress.dead_letter_files > 0
+        return {
+            "submitted": progress.submitted,
+            "succeeded": progress.succeeded,
+            "changed": progress.succeeded - unchanged,
+            "unchanged": unchanged,
+            "superseded": progress.superseded,
+            "failed": progress.failed,
+            "skipped": progress.skipped,
+            "failed_by_category": dict(sorted(progress.failed_by_category.items())),
+            "reasons": dict(sorted(progress.reasons.items())),
+            "dead_letter_uri": str(dead_letters) if written else None,
+            "dead_letter_files": progress.dead_letter_files,
+            "requests": progress.requests,
+            "retries": progress.retries,
+            "rate_limited": progress.rate_limited,
+            "deferrals": progress.deferrals,
+            "elapsed_s": round(elapsed, 3),
+            "records_per_s": round(progress.submitted / elapsed, 1) if elapsed > 0 else 0.0,
+        }
+
+    # ------------------------------------------------------------------ reading input
+
+    def _segments(self, staged: _Staged | None, progress: _Progress, size: int) -> Iterator[list[_Record]]:
+        if staged is not None:
+            records = self._staged_records(staged, progress)
+        else:
+            records = self._inline_records(progress)
+        segment: list[_Record] = []
+        for record in records:
+            segment.append(record)
+            if len(segment) >= size:
+                yield segment
+                segment = []
+        if segment:
+            yield segment
+
+    def _inline_records(self, progress: _Progress) -> Iterator[_Record]:
+        items = _inline_list(self.inputs)
+        for position in range(progress.lines_done, len(items)):
+            yield self._record(items[position], line=position + 1, file_index=0, file_line=0)
+
+    def _staged_records(self, staged: _Staged, progress: _Progress) -> Iterator[_Record]:
+        line = progress.lines_done
+        for file_index in range(progress.file_index, len(staged.files)):
+            skip = progress.file_line if file_index == progress.file_index else 0
+            with staged.files[file_index].open("r", encoding="utf-8", errors="replace") as handle:
+                for file_line, text in enumerate(handle, start=1):
+                    if file_line <= skip:
+                        continue
+                    line += 1
+                    text = text.strip()
+                    if not text:
+                        continue
+                    try:
+                        value = json.loads(text)
+                    except ValueError as exc:
+                        yield _Record(line, file_index, file_line, "invalid", {"raw": text[:_RAW_LINE_LIMIT]},
+                                      error=f"{staged.files[file_index]} line {file_line}: not valid JSON "
+                                      f"({getattr(exc, 'msg', exc)} at column {getattr(exc, 'colno', '?')}); "
+                                      "fix or drop this line at the source")
+                        continue
+                    yield self._record(value, line=line, file_index=file_index, file_line=file_line)
+
+    def _record(self, value: Any, *, line: int, file_index: int, file_line: int) -> _Record:
+        if self.only_retryable and isinstance(value, dict) and value.get("retryable") is False:
+            return _Record(line, file_index, file_line, "skip")
+        if isinstance(value, dict) and "input" in value:
+            return _Record(line, file_index, file_line, "input", value["input"], value.get("occurredAt"))
+        return _Record(line, file_index, file_line, "input", value)
+
+    # ------------------------------------------------------------------ staging, checkpoints, dead letters
+
+    def _staged(self) -> _Staged:
+        root = ObjectStoragePath(str(self.input_uri).strip())
+        if root.is_dir():
+            files = sorted(
+                (p for p in root.iterdir()
+                 if p.name.endswith(".jsonl") and not p.name.startswith(("_", ".")) and p.is_file()),
+                key=lambda p: p.name,
+            )
+            checkpoint = root / FOLDER_CHECKPOINT
+            default_dead_letters = root.parent / DEAD_LETTER_FOLDER
+            # Replaying a dead-letter folder: its own dead letters must not overwrite the parts being read.
+            if _same(default_dead_letters, root) or _same(root.parent, root):
+                default_dead_letters = root / DEAD_LETTER_FOLDER
+            staged = _Staged(root, True, files, checkpoint, default_dead_letters)
+        elif root.is_file():
+            staged = _Staged(root, False, [root], root.with_name(root.name + FILE_CHECKPOINT_SUFFIX),
+                             root.parent / DEAD_LETTER_FOLDER)
+        else:
+            raise FileNotFoundError(
+                f"input_uri {self.input_uri} is neither a file nor a folder; check the URI and that the "
+                "staging task wrote it"
+            )
+        if self.dead_letter_uri:
+            staged.dead_letters = ObjectStoragePath(str(self.dead_letter_uri).strip())
+            if staged.is_folder and _same(staged.dead_letters, root):
+                raise ValueError(
+                    f"dead_letter_uri {self.dead_letter_uri} is the input folder; part files would overwrite "
+                    "the input being read. Choose another folder"
+                )
+        return staged
+
+    @staticmethod
+    def _part_prefix(staged: _Staged | None) -> str:
+        # Sibling inputs share the default dead-letters/ folder; the input's name keeps their parts apart.
+        if staged is None:
+            return "part-"
+        name = staged.root.name if staged.is_folder else staged.root.stem
+        return f"part-{name}-"
+
+    def _load_checkpoint(self, staged: _Staged, segment_size: int) -> tuple[_Progress | None, int]:
+        if not staged.checkpoint.exists():
+            return None, segment_size
+        try:
+            doc = json.loads(staged.checkpoint.read_text())
+            fresh = doc.get("version") != CHECKPOINT_VERSION or doc.get("files") != staged.fingerprint
+        except (ValueError, AttributeError):
+            fresh = True
+        if fresh:
+            # The input changed, or the checkpoint is unreadable: starting over is safe (idempotent writes).
+            self.log.warning(
+                "Ignoring checkpoint %s: it does not match the input; starting from the first line",
+                staged.checkpoint,
+            )
+            return None, segment_size
+        # Segment boundaries name the dead-letter parts; keep them where the first try put them.
+        return _Progress.from_dict(doc.get("progress")), int(doc.get("segment_size") or segment_size)
+
+    def _save_checkpoint(self, staged: _Staged, progress: _Progress, segment_size: int) -> None:
+        doc = {
+            "version": CHECKPOINT_VERSION,
+            "input_uri": str(staged.root),
+            "files": staged.fingerprint,
+            "segment_size": segment_size,
+            "progress": asdict(progress),
+        }
+        staged.checkpoint.write_text(json.dumps(doc, separators=(",", ":")))
+
+    def _remove_stale_parts(self, folder: ObjectStoragePath, prefix: str) -> None:
+        # A fresh run rewrites every part; parts left from a run with other segment boundaries would
+        # otherwise duplicate dead letters, or list inputs that no longer fail.
+        if not folder.is_dir():
+            return
+        pattern = re.compile(re.escape(prefix) + r"\d+\.jsonl")
+        for part in folder.iterdir():
+            if pattern.fullmatch(part.name):
+                part.unlink(missing_ok=True)
+
+    @staticmethod
+    def _write_part(folder: ObjectStoragePath, name: str, letters: list[tuple[int, dict[str, Any]]]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        letters.sort(key=lambda item: item[0])
+        with (folder / name).open("w", encoding="utf-8") as handle:
+            for _, letter in letters:
+                handle.write(json.dumps(letter, ensure_ascii=False, separators=(",", ":")) + "\n")
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _same(a: ObjectStoragePath, b: ObjectStoragePath) -> bool:
+    return str(a).rstrip("/") == str(b).rstrip("/")
+
+
+def _inline_list(inputs: Any) -> list[Any]:
+    # A Jinja-rendered XCom arrives as text: JSON, or a Python literal when not rendered natively.
+    if isinstance(inputs, str):
+        try:
+            inputs = json.loads(inputs)
+        except ValueError:
+            try:
+                inputs = ast.literal_eval(inputs)
+            except (ValueError, SyntaxError):
+                raise TypeError("inputs is text that is neither JSON nor a Python list literal") from None
+    if isinstance(inputs, dict):
+        inputs = [inputs]
+    if not isinstance(inputs, (list, tuple)):
+        raise TypeError(f"inputs must be a list of dicts, got {type(inputs).__name__}")
+    return list(inputs)
+
+
+def _camel_keys(value: dict[str, Any]) -> dict[str, Any]:
+    return {_WIRE_NAMES.get(key, key): item for key, item in value.items()}
+
+
+def _dead_letter(
+    value: Any, category: str, message: str, retryable: bool, occurred_at: Any
+) -> dict[str, Any]:
+    return {
+        "input": value,
+        "category": category,
+        "message": message,
+        "retryable": retryable,
+        "occurredAt": occurred_at,
+    }
+
+
+def _dead_letter_from(failure: FailedInput, occurred_at: Any) -> dict[str, Any]:
+    # Inputs rejected before sending come back as given; camelCase keeps them replayable as is.
+    return _dead_letter(_camel_keys(failure.input), failure.category, failure.message, failure.retryable,
+                        occurred_at)
+
