@@ -321,7 +321,8 @@ def _as_dict(value: Any) -> dict[str, Any]:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json", by_alias=True, exclude_none=True)
     if isinstance(value, Mapping):
-        return {str(k): v if isinstance(v, (str, int, float, bool, type(None))) else str(v) for k, v in value.items()}
+        # Keep the input as given (nested values included) for the dead letter, JSON-safe.
+        return json.loads(json.dumps({str(k): v for k, v in value.items()}, default=str))
     return {"value": repr(value)[:200]}
 
 
