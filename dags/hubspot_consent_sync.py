@@ -1,0 +1,176 @@
+"""Keep HubSpot email subscription statuses in step with a SQL consent table, one data interval per run.
+
+``ensure_pool → extract → validate → submit → branch_on_outcome → report | summarise_dead_letters``
+
+* **extract** reads the events of the run's data interval ``[data_interval_start, data_interval_end)``
+  (UTC) from ``source_table`` through any Airflow SQL connection, keeps the latest event per
+  (email, subscription, EMAIL) and stages them under ``<storage_uri>/<run id>/staged/``.
+* **validate** checks each staged event; invalid ones become dead letters (``INVALID_INPUT``).
+* **submit** writes the valid ones with ``HubSpotWriteStatusesOperator`` through the ``hubspot_api``
+  pool, which caps concurrent writers across runs and workers (``ensure_pool`` creates it when the
+  task can reach the metadata DB; otherwise run ``airflow pools set hubspot_api 2 "HubSpot API
+  writes" --include-deferred`` once). It defers while a long rate-limit wait passes (a triggerer
+  must be running) and resumes from its checkpoint after a failed try.
+* **branch_on_outcome**: no failures at all → **report**; some → **summarise_dead_letters**, which
+  counts the dead letters by category, alerts (task log, and ``dead_letter_alert`` below), and fails
+  the run when more than ``max_failed_ratio`` of the events failed.
+
+Daily runs cover one UTC day: a scheduled or backfill run for logical date D syncs day D, and
+``airflow dags test hubspot_consent_sync 2026-03-11`` syncs 2026-03-10 (a manual run covers the last
+whole day before its date). Re-running or backfilling an interval is a harmless replay: HubSpot ends
+in the same state and the run's files are rewritten, not appended to.
+
+Source contract: ``consent_events(email, subscription_id, status, legal_basis,
+legal_basis_explanation, occurred_at)``, see :mod:`hubspot_provider.consent`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
+from airflow.sdk.configuration import conf
+from hubspot_provider import consent
+from hubspot_provider.operators.hubspot import HubSpotWriteStatusesOperator
+
+# Alert hook point: set this to a callable (a Slack or e-mail notifier, a pager) and it is called with
+# the dead-letter summary (counts and paths, never records or emails) when a run has failures, and when
+# the write step itself fails. Callables cannot travel in DAG params; set it here or in a copy of this file.
+dead_letter_alert: Callable[[dict[str, Any]], Any] | None = None
+
+# Task retries resume the write from its checkpoint after HubSpot outages longer than the hook's own
+# retry budget. `airflow dags test` sits out retry_delay between tries, so demos and local runs set
+# AIRFLOW__HUBSPOT__TASK_RETRIES=0 to fail fast instead.
+TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
+
+
+@dag(
+    dag_id="hubspot_consent_sync",
+    schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
+    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    catchup=False,
+    max_active_runs=2,
+    default_args={"retries": TASK_RETRIES, "retry_delay": timedelta(minutes=5)},
+    params={
+        "source_conn_id": Param(
+            "hubspot_consent_source",
+            type="string",
+            minLength=1,
+            description="Airflow SQL connection holding the consent table.",
+        ),
+        "source_table": Param(
+            "consent_events",
+            type="string",
+            pattern=consent.IDENTIFIER_PATTERN,
+            description="Table or view with the source contract's columns; a plain, optionally "
+            "schema-qualified, name.",
+        ),
+        "hubspot_conn_id": Param(
+            "hubspot_default", type="string", minLength=1, description="HubSpot connection."
+        ),
+        "storage_uri": Param(
+            None,
+            type=["null", "string"],
+            description="Object-storage folder for staged files and dead letters; empty for "
+            "file://$AIRFLOW_HOME/hubspot_consent on the worker.",
+        ),
+        "batch_size": Param(
+            100, type="integer", minimum=1, maximum=1000, description="Inputs per HubSpot request."
+        ),
+        "max_failed_ratio": Param(
+            0.25,
+            type="number",
+            minimum=0,
+            maximum=1,
+            description="Largest share of the interval's events that may fail before the run fails.",
+        ),
+    },
+    tags=["hubspot", "consent"],
+    doc_md=__doc__,
+)
+def hubspot_consent_sync() -> None:
+    @task
+    def ensure_pool() -> dict[str, Any]:
+        """Create the hubspot_api pool if it is missing and this worker may reach the metadata DB."""
+        return consent.ensure_pool()
+
+    @task
+    def extract(
+        params: dict[str, Any] | None = None,
+        run_id: str | None = None,
+        data_interval_start: datetime | None = None,
+        data_interval_end: datetime | None = None,
+    ) -> dict[str, Any]:
+        """Stage the latest consent event per contact and subscription of the data interval."""
+        return consent.extract_consent_events(
+            source_conn_id=params["source_conn_id"],
+            source_table=params["source_table"],
+            data_interval_start=data_interval_start,
+            data_interval_end=data_interval_end,
+            run_uri=consent.run_folder(params["storage_uri"], run_id),
+        )
+
+    @task(multiple_outputs=True)
+    def validate(extracted: dict[str, Any]) -> dict[str, Any]:
+        """Keep what HubSpot would accept; the rest becomes INVALID_INPUT dead letters."""
+        return consent.validate_staged_events(extracted["run_uri"])
+
+    @task.branch
+    def branch_on_outcome(
+        extracted: dict[str, Any], validated: dict[str, Any], submitted: dict[str, Any]
+    ) -> str:
+        """``report`` when every event landed, ``summarise_dead_letters`` otherwise."""
+        if consent.has_failures(extracted, validated, submitted):
+            return "summarise_dead_letters"
+        return "report"
+
+    @task
+    def report(
+        extracted: dict[str, Any], validated: dict[str, Any], submitted: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Log the run's counts and write its summary.json."""
+        return consent.report_run(extracted, validated, submitted)
+
+    @task
+    def summarise_dead_letters(
+        extracted: dict[str, Any],
+        validated: dict[str, Any],
+        submitted: dict[str, Any],
+        params: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Count dead letters by category, alert, and fail the run above max_failed_ratio."""
+        return consent.summarise_run(
+            extracted,
+            validated,
+            submitted,
+            max_failed_ratio=params["max_failed_ratio"],
+            alert=dead_letter_alert,
+        )
+
+    extracted = extract()
+    validated = validate(extracted)
+    submit = HubSpotWriteStatusesOperator(
+        task_id="submit",
+        input_uri=validated["validated_uri"],
+        dead_letter_uri=validated["dead_letter_uri"],
+        hubspot_conn_id="{{ params.hubspot_conn_id }}",
+        batch_size="{{ params.batch_size }}",
+        # The run's failure policy counts invalid rows too, so it is applied after the alert, in
+        # summarise_dead_letters, rather than by the operator over HubSpot's rejections alone.
+        max_failed_ratio=1.0,
+        deferrable=True,
+        pool=consent.HUBSPOT_POOL,
+        on_failure_callback=consent.dead_letter_failure_callback(alert=dead_letter_alert),
+    )
+    submitted = submit.output
+    outcome = branch_on_outcome(extracted, validated, submitted)
+    ensure_pool() >> extracted
+    outcome >> [
+        report(extracted, validated, submitted),
+        summarise_dead_letters(extracted, validated, submitted),
+    ]
+
+
+hubspot_consent_sync()

@@ -1,0 +1,112 @@
+"""Re-submit dead letters of a consent sync run (manual trigger).
+
+``ensure_pool → prepare → submit → report``
+
+Trigger with the dead-letter folder (or one part file) of a ``hubspot_consent_sync`` run, e.g.::
+
+    RUN=file:///opt/airflow/hubspot_consent/scheduled__2026-03-10T00_00_00_00_00
+    airflow dags trigger hubspot_dead_letter_replay --conf "{\\"dead_letter_uri\\": \\"$RUN/dead-letters\\"}"
+
+**prepare** selects the retryable dead letters (rate limits, outages, answers HubSpot never gave), or
+all of them with ``include_non_retryable``, into ``<dead_letter_uri>/../replay-<run id>/input/``;
+**submit** writes them through the ``hubspot_api`` pool; what still fails lands in
+``replay-<run id>/dead-letters/``, and **report** counts it, alerts, and fails the run above
+``max_failed_ratio``. The original dead letters are left untouched, so a replay can be repeated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from airflow.sdk import Param, dag, task
+from airflow.sdk.configuration import conf
+from hubspot_provider import consent
+from hubspot_provider.operators.hubspot import HubSpotWriteStatusesOperator
+
+# Alert hook point, as in hubspot_consent_sync: called with the summary of what failed again.
+dead_letter_alert: Callable[[dict[str, Any]], Any] | None = None
+
+# As in hubspot_consent_sync: AIRFLOW__HUBSPOT__TASK_RETRIES=0 makes local runs fail fast.
+TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
+
+
+@dag(
+    dag_id="hubspot_dead_letter_replay",
+    schedule=None,
+    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"retries": TASK_RETRIES, "retry_delay": timedelta(minutes=5)},
+    params={
+        "dead_letter_uri": Param(
+            type="string",
+            minLength=1,
+            description="Dead-letter folder or part file of a consent sync run (an object-storage URI).",
+        ),
+        "include_non_retryable": Param(
+            False,
+            type="boolean",
+            description="Also re-submit dead letters that failed for good (invalid input, unknown "
+            "subscription), e.g. after fixing the cause in HubSpot.",
+        ),
+        "hubspot_conn_id": Param(
+            "hubspot_default", type="string", minLength=1, description="HubSpot connection."
+        ),
+        "batch_size": Param(
+            100, type="integer", minimum=1, maximum=1000, description="Inputs per HubSpot request."
+        ),
+        "max_failed_ratio": Param(
+            0.25,
+            type="number",
+            minimum=0,
+            maximum=1,
+            description="Largest share of the replayed inputs that may fail again before the run fails.",
+        ),
+    },
+    tags=["hubspot", "consent"],
+    doc_md=__doc__,
+)
+def hubspot_dead_letter_replay() -> None:
+    @task
+    def ensure_pool() -> dict[str, Any]:
+        """Create the hubspot_api pool if it is missing and this worker may reach the metadata DB."""
+        return consent.ensure_pool()
+
+    @task(multiple_outputs=True)
+    def prepare(params: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
+        """Select the dead letters to re-submit into this replay's own input folder."""
+        return consent.prepare_replay(
+            params["dead_letter_uri"], run_id=run_id, include_non_retryable=params["include_non_retryable"]
+        )
+
+    @task
+    def report(
+        prepared: dict[str, Any], submitted: dict[str, Any], params: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Log the replay's counts, alert on what failed again, fail above max_failed_ratio."""
+        return consent.report_replay(
+            prepared, submitted, max_failed_ratio=params["max_failed_ratio"], alert=dead_letter_alert
+        )
+
+    prepared = prepare()
+    submit = HubSpotWriteStatusesOperator(
+        task_id="submit",
+        input_uri=prepared["input_uri"],
+        dead_letter_uri=prepared["dead_letter_uri"],
+        hubspot_conn_id="{{ params.hubspot_conn_id }}",
+        batch_size="{{ params.batch_size }}",
+        # The operator's flag is fixed when the DAG is parsed, so include_non_retryable is applied by
+        # prepare, which passes on only the selected inputs (without their retryable flag).
+        only_retryable=True,
+        max_failed_ratio=1.0,
+        deferrable=True,
+        pool=consent.HUBSPOT_POOL,
+        on_failure_callback=consent.dead_letter_failure_callback(alert=dead_letter_alert, replay=True),
+    )
+    ensure_pool() >> prepared
+    report(prepared, submit.output)
+
+
+hubspot_dead_letter_replay()

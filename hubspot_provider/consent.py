@@ -1,0 +1,971 @@
+"""Consent sync building blocks: extract a data interval from SQL, validate, count dead letters.
+
+The example DAGs (``dags/hubspot_consent_sync.py``, ``dags/hubspot_dead_letter_replay.py``) only
+wire tasks; everything they do lives here, so it can be tested without a scheduler.
+
+A run keeps its files under ``<storage_uri>/<run id>/`` (any Airflow object-storage URI)::
+
+    staged/events.jsonl          latest event per (email, subscription, EMAIL) in the data interval
+    validated/statuses.jsonl     the staged events that pass PublicStatusRequest validation
+    dead-letters/*.jsonl         every event that did not land, with category and reason
+    summary.json                 the run's counts (no records, no emails)
+
+Every file is rewritten, never appended to, so re-running an interval replaces what the previous
+attempt wrote. Staged and dead-letter lines share one shape, so a dead-letter file can be fed back
+to :class:`~hubspot_provider.operators.hubspot.HubSpotWriteStatusesOperator`::
+
+    {"input": {<PublicStatusRequest, camelCase>}, "occurredAt": "2026-03-10T08:15:00Z"}
+    {"input": {...}, "category": "INVALID_INPUT", "message": "...", "retryable": false, "occurredAt": ...}
+
+The source contract is a table (or view) with the columns ``email, subscription_id, status,
+legal_basis, legal_basis_explanation, occurred_at``; ``status`` is HubSpot's ``statusState`` and
+``occurred_at`` a timestamp, or in SQLite ISO-8601 text (with an offset, or
+``YYYY-MM-DD HH:MM:SS`` meaning UTC).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sqlite3
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import IO, Any
+
+from pydantic import ValidationError
+
+from airflow.sdk import BaseHook, ObjectStoragePath
+from airflow.sdk.exceptions import AirflowFailException
+from hubspot_provider.hooks.hubspot import INVALID_INPUT
+from hubspot_provider.models import PublicStatusRequest
+
+__all__ = [
+    "DEAD_LETTER_FOLDER",
+    "HUBSPOT_POOL",
+    "HUBSPOT_POOL_SLOTS",
+    "IDENTIFIER_PATTERN",
+    "SOURCE_COLUMNS",
+    "apply_failure_policy",
+    "check_identifier",
+    "count_dead_letters",
+    "dead_letter_failure_callback",
+    "default_storage_uri",
+    "ensure_pool",
+    "extract_consent_events",
+    "has_failures",
+    "parse_occurred_at",
+    "prepare_replay",
+    "report_replay",
+    "replay_folder",
+    "report_run",
+    "run_folder",
+    "run_totals",
+    "safe_run_id",
+    "summarise_run",
+    "validate_staged_events",
+]
+
+log = logging.getLogger(__name__)
+
+SOURCE_COLUMNS = (
+    "email", "subscription_id", "status", "legal_basis", "legal_basis_explanation", "occurred_at",
+)
+# A plain, optionally qualified SQL name (schema.table): it is pasted into the query, so nothing else.
+IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+_IDENTIFIER_RE = re.compile(IDENTIFIER_PATTERN)
+
+HUBSPOT_POOL = "hubspot_api"
+# HubSpot's rate limit is per app, shared by every task writing to it; two writers at a time keep the
+# pacing effective while one of them waits out a reset.
+HUBSPOT_POOL_SLOTS = 2
+HUBSPOT_POOL_DESCRIPTION = "Caps concurrent writes to HubSpot (one rate limit per app, shared by all runs)"
+
+STAGED_FOLDER = "staged"
+STAGED_FILE = "events.jsonl"
+VALIDATED_FOLDER = "validated"
+VALIDATED_FILE = "statuses.jsonl"
+DEAD_LETTER_FOLDER = "dead-letters"
+# The operator names its own parts part-<input name>-<line>.jsonl; these names never collide with them.
+EXTRACT_DEAD_LETTERS = "part-extract.jsonl"
+VALIDATE_DEAD_LETTERS = "part-validate.jsonl"
+SUMMARY_FILE = "summary.json"
+REPLAY_INPUT_FOLDER = "input"
+REPLAY_INPUT_FILE = "dead-letters.jsonl"
+
+DEFAULT_FETCH_SIZE = 1000
+_RAW_REPR_LIMIT = 100
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+
+def check_identifier(name: str) -> str:
+    """Return ``name`` if it is a plain SQL identifier (``table`` or ``schema.table``), else raise.
+
+    The table name is part of the query text, so anything that is not a bare identifier is refused
+    rather than quoted.
+
+    :raises ValueError: naming the value and the accepted form.
+    """
+    if not isinstance(name, str) or not _IDENTIFIER_RE.fullmatch(name):
+        raise ValueError(
+            f"source_table {name!r} is not a plain SQL identifier (letters, digits, underscores, optionally "
+            "schema-qualified like analytics.consent_events); create a view with a plain name if needed"
+        )
+    return name
+
+
+def default_storage_uri() -> str:
+    """``file://<AIRFLOW_HOME>/hubspot_consent``, resolved when called (on the worker)."""
+    home = os.environ.get("AIRFLOW_HOME") or os.path.join(os.path.expanduser("~"), "airflow")
+    return "file://" + os.path.join(os.path.abspath(home), "hubspot_consent")
+
+
+def safe_run_id(run_id: str) -> str:
+    """``run_id`` made safe as one path segment.
+
+    >>> safe_run_id("manual__2026-03-11T00:00:00+00:00")
+    'manual__2026-03-11T00_00_00_00_00'
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("._")
+    if not safe:
+        raise ValueError(f"run id {run_id!r} has no characters usable in a path")
+    return safe
+
+
+def run_folder(storage_uri: str | None, run_id: str) -> ObjectStoragePath:
+    """The folder of one DAG run: ``<storage_uri>/<sanitised run id>``.
+
+    :param storage_uri: any Airflow object-storage URI; ``None`` or empty for :func:`default_storage_uri`.
+    """
+    return ObjectStoragePath(storage_uri or default_storage_uri()) / safe_run_id(run_id)
+
+
+# ---------------------------------------------------------------------------------------------- timestamps
+
+
+def parse_occurred_at(value: Any) -> datetime | None:
+    """``value`` as an aware UTC datetime, or ``None`` when it is not a timestamp.
+
+    Accepts datetimes (naive ones are UTC), dates (midnight UTC), ISO-8601 text with an offset or
+    ``Z``, and ``YYYY-MM-DD HH:MM:SS`` text without one (UTC).
+
+    >>> parse_occurred_at("2026-03-10T01:30:00+02:00")
+    datetime.datetime(2026, 3, 9, 23, 30, tzinfo=datetime.timezone.utc)
+    """
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, date):
+        moment = datetime(value.year, value.month, value.day)
+    elif isinstance(value, str):
+        text = value.strip()
+        if len(text) < 10:
+            return None
+        # Python 3.10's fromisoformat does not know the "Z" suffix.
+        if text[-1] in "Zz":
+            text = text[:-1] + "+00:00"
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            return None
+    else:
+        return None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
+def _iso_z(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _aware_utc(value: Any, name: str) -> datetime:
+    moment = parse_occurred_at(value) if not isinstance(value, datetime) else value
+    if moment is None:
+        raise ValueError(
+            f"{name} is missing: this run has no data interval. Trigger it with a logical date "
+            "(e.g. `airflow dags test hubspot_consent_sync 2026-03-11`) so it knows which day to sync"
+        )
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
+# ---------------------------------------------------------------------------------------------- file helpers
+
+
+class _LazyJsonl:
+    """A JSONL file that is created on the first line; when nothing is written a stale copy is removed."""
+
+    def __init__(self, path: ObjectStoragePath) -> None:
+        self.path = path
+        self.count = 0
+        self._handle: IO[str] | None = None
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self._handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = self.path.open("w", encoding="utf-8")
+        self._handle.write(_dumps(record) + "\n")
+        self.count += 1
+
+    def __enter__(self) -> _LazyJsonl:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        elif self.path.exists():
+            self.path.unlink()
+
+
+def _dumps(record: Mapping[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def _clear_folder(folder: ObjectStoragePath) -> None:
+    # Files only: a sub-folder was not written by this step, so it is not this step's to remove.
+    if folder.is_dir():
+        for child in folder.iterdir():
+            if child.is_file():
+                child.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def _jsonl_files(folder: ObjectStoragePath) -> list[ObjectStoragePath]:
+    return sorted(
+        (
+            p for p in folder.iterdir()
+            if p.name.endswith(".jsonl") and not p.name.startswith(("_", ".")) and p.is_file()
+        ),
+        key=lambda p: p.name,
+    )
+
+
+def _dead_letter(value: Any, message: str, occurred_at: str | None) -> dict[str, Any]:
+    return {
+        "input": value,
+        "category": INVALID_INPUT,
+        "message": message,
+        "retryable": False,
+        "occurredAt": occurred_at,
+    }
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _RAW_REPR_LIMIT else text[: _RAW_REPR_LIMIT - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------- extract
+
+
+def _json_scalar(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", errors="replace")
+    return str(value)
+
+
+def _subscription_id(value: Any) -> Any:
+    # Databases hand ids back as int, Decimal, float or text depending on the column type; the wire model
+    # is strict (int only), so integral values are normalised here and anything else is left for
+    # validation to report.
+    value = _json_scalar(value)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*\d{1,19}\s*", value):
+        return int(value)
+    return value
+
+
+def _staged_input(
+    email: Any, subscription_id: Any, status: Any, legal_basis: Any, explanation: Any
+) -> dict[str, Any]:
+    record = {
+        "subscriberIdString": _json_scalar(email),
+        "subscriptionId": _subscription_id(subscription_id),
+        "statusState": _json_scalar(status),
+        "channel": "EMAIL",
+    }
+    if legal_basis is not None:
+        record["legalBasis"] = _json_scalar(legal_basis)
+    if explanation is not None:
+        record["legalBasisExplanation"] = _json_scalar(explanation)
+    return record
+
+
+def _status_key(record: Mapping[str, Any]) -> str:
+    email = record["subscriberIdString"]
+    email = email.strip().lower() if isinstance(email, str) else repr(email)
+    return f"{email}\x1f{record['subscriptionId']!r}\x1fEMAIL"
+
+
+def _source_query(
+    table: str, conn_type: str, placeholder: str, start: datetime, end: datetime
+) -> tuple[str, list[Any]]:
+    columns = ", ".join(SOURCE_COLUMNS)
+    if conn_type == "sqlite":
+        # SQLite keeps timestamps as text whose offsets vary, so text comparison cannot find the exact
+        # interval. The window below is wide enough for any offset (local date within a day of the UTC
+        # date); the exact [start, end) filter is applied in Python. Text that does not start with a
+        # date can belong to no window: it is read by every run, so it surfaces as a dead letter until
+        # fixed at the source rather than never being seen.
+        low = (start - timedelta(days=1)).date().isoformat()
+        high = ((end + timedelta(days=1)).date() + timedelta(days=1)).isoformat()
+        where = (
+            f"occurred_at IS NULL OR occurred_at NOT GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*' "
+            f"OR (occurred_at >= {placeholder} AND occurred_at < {placeholder})"
+        )
+        return f"SELECT {columns} FROM {table} WHERE {where}", [low, high]
+    # Typed timestamp columns: a day of slack either side absorbs naive TIMESTAMP columns compared with
+    # an aware bound in the session's time zone; NULLs are read by every run for the reason above.
+    where = f"occurred_at IS NULL OR (occurred_at >= {placeholder} AND occurred_at < {placeholder})"
+    return f"SELECT {columns} FROM {table} WHERE {where}", [
+        start - timedelta(days=1), end + timedelta(days=1),
+    ]
+
+
+def _open_cursor(conn: Any, conn_type: str) -> Any:
+    if conn_type in ("postgres", "postgresql", "redshift"):
+        # psycopg buffers a whole result client-side unless the cursor is named (server-side).
+        try:
+            return conn.cursor(name="hubspot_consent_extract")
+        except TypeError:
+            pass
+    return conn.cursor()
+
+
+def _iter_source_rows(
+    hook: Any, conn_type: str, sql: str, parameters: list[Any], fetch_size: int
+) -> Iterator[tuple]:
+    conn = hook.get_conn()
+    try:
+        cursor = _open_cursor(conn, conn_type)
+        try:
+            try:
+                cursor.arraysize = fetch_size
+            except AttributeError:
+                pass
+            cursor.execute(sql, parameters)
+            while True:
+                rows = cursor.fetchmany(fetch_size)
+                if not rows:
+                    return
+                yield from rows
+        finally:
+            cursor.close()
+    finally:
+        conn.close()
+
+
+def _source_hook(source_conn_id: str) -> tuple[Any, str]:
+    from airflow.providers.common.sql.hooks.sql import DbApiHook
+
+    connection = BaseHook.get_connection(source_conn_id)
+    hook = connection.get_hook()
+    if not isinstance(hook, DbApiHook):
+        raise TypeError(
+            f"Connection {source_conn_id!r} (type {connection.conn_type!r}) does not give a SQL hook; point "
+            "source_conn_id at a database connection (sqlite, postgres, mysql, snowflake, ...)"
+        )
+    return hook, (connection.conn_type or "").lower()
+
+
+class _LatestPerKey:
+    """Keeps the latest event per status key in an on-disk SQLite scratch file.
+
+    A day of consent events can hold millions of keys; a dict would grow with them, the scratch file
+    keeps memory flat. Among events with the same timestamp the one read later wins.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self._db = sqlite3.connect(os.path.join(directory, "latest.sqlite"))
+        self._db.executescript(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; "
+            "CREATE TABLE latest "
+            "(key TEXT PRIMARY KEY, at_us INTEGER NOT NULL, seq INTEGER NOT NULL, line TEXT NOT NULL);"
+        )
+        self._pending: list[tuple[str, int, int, str]] = []
+        self.added = 0
+
+    def add(self, key: str, moment: datetime, line: str) -> None:
+        at_us = int((moment - datetime(1970, 1, 1, tzinfo=timezone.utc)) / timedelta(microseconds=1))
+        self._pending.append((key, at_us, self.added, line))
+        self.added += 1
+        if len(self._pending) >= DEFAULT_FETCH_SIZE:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._db.executemany(
+            "INSERT INTO latest VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+            "at_us = excluded.at_us, seq = excluded.seq, line = excluded.line "
+            "WHERE excluded.at_us >= latest.at_us",
+            self._pending,
+        )
+        self._pending.clear()
+
+    def lines(self) -> Iterator[str]:
+        self._flush()
+        for (line,) in self._db.execute("SELECT line FROM latest ORDER BY seq"):
+            yield line
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def extract_consent_events(
+    *,
+    source_conn_id: str,
+    source_table: str,
+    data_interval_start: Any,
+    data_interval_end: Any,
+    run_uri: str | ObjectStoragePath,
+    fetch_size: int = DEFAULT_FETCH_SIZE,
+) -> dict[str, Any]:
+    """Stage the latest consent event per status key of ``[data_interval_start, data_interval_end)``.
+
+    Rows are streamed from the source (``fetchmany``, a server-side cursor on Postgres), filtered
+    exactly on ``occurred_at`` in UTC, and reduced to the latest event per (lower-cased email,
+    subscription id, ``EMAIL``); a tie goes to the row read later. The result is written to
+    ``<run_uri>/staged/events.jsonl``; rows whose ``occurred_at`` is not a timestamp go to
+    ``<run_uri>/dead-letters/part-extract.jsonl`` (``INVALID_INPUT``), never dropped.
+
+    .. code-block:: python
+
+        counts = extract_consent_events(
+            source_conn_id="hubspot_consent_source",
+            source_table="consent_events",
+            data_interval_start=datetime(2026, 3, 10, tzinfo=timezone.utc),
+            data_interval_end=datetime(2026, 3, 11, tzinfo=timezone.utc),
+            run_uri="file:///data/hubspot_consent/manual__2026-03-11",
+        )
+
+    :param source_conn_id: Airflow connection of any SQL type (a common-sql ``DbApiHook``).
+    :param source_table: table or view holding the source contract's columns; a plain identifier.
+    :param data_interval_start: first instant of the interval (inclusive); naive means UTC.
+    :param data_interval_end: end of the interval (exclusive).
+    :param run_uri: the run's folder (see :func:`run_folder`).
+    :param fetch_size: rows fetched per round trip.
+    :return: counts and paths (XCom-safe): ``rows_read, in_interval, outside_interval, unparseable,
+        superseded, staged, staged_uri, run_uri, dead_letter_uri, data_interval_start, data_interval_end``.
+    """
+    table = check_identifier(source_table)
+    start = _aware_utc(data_interval_start, "data_interval_start")
+    end = _aware_utc(data_interval_end, "data_interval_end")
+    if end <= start:
+        raise ValueError(
+            f"data interval [{start.isoformat()}, {end.isoformat()}) is empty; use a data-interval timetable"
+        )
+    run = ObjectStoragePath(str(run_uri))
+    staged_file = run / STAGED_FOLDER / STAGED_FILE
+    dead_letters = run / DEAD_LETTER_FOLDER
+
+    hook, conn_type = _source_hook(source_conn_id)
+    sql, parameters = _source_query(table, conn_type, getattr(hook, "placeholder", "%s") or "%s", start, end)
+
+    counts = {"rows_read": 0, "in_interval": 0, "outside_interval": 0, "unparseable": 0}
+    with tempfile.TemporaryDirectory(prefix="hubspot-consent-") as scratch_dir:
+        latest = _LatestPerKey(scratch_dir)
+        try:
+            with _LazyJsonl(dead_letters / EXTRACT_DEAD_LETTERS) as unparseable:
+                for row in _iter_source_rows(hook, conn_type, sql, parameters, fetch_size):
+                    counts["rows_read"] += 1
+                    email, subscription_id, status, legal_basis, explanation, occurred_at = row
+                    record = _staged_input(email, subscription_id, status, legal_basis, explanation)
+                    moment = parse_occurred_at(occurred_at)
+                    if moment is None:
+                        unparseable.write(_dead_letter(
+                            record,
+                            f"occurred_at {_short_repr(occurred_at)} is not a timestamp (ISO-8601 with "
+                            "an offset, or 'YYYY-MM-DD HH:MM:SS' in UTC), so the event cannot be placed in "
+                            "a data interval; fix it at the source",
+                            None,
+                        ))
+                        continue
+                    if not start <= moment < end:
+                        counts["outside_interval"] += 1
+                        continue
+                    counts["in_interval"] += 1
+                    line = _dumps({"input": record, "occurredAt": _iso_z(moment)})
+                    latest.add(_status_key(record), moment, line)
+            counts["unparseable"] = unparseable.count
+            staged_file.parent.mkdir(parents=True, exist_ok=True)
+            staged = 0
+            with staged_file.open("w", encoding="utf-8") as handle:
+                for line in latest.lines():
+                    handle.write(line + "\n")
+                    staged += 1
+        finally:
+            latest.close()
+
+    result = {
+        **counts,
+        "superseded": counts["in_interval"] - staged,
+        "staged": staged,
+        "staged_uri": str(staged_file),
+        "run_uri": str(run),
+        "dead_letter_uri": str(dead_letters),
+        "data_interval_start": start.isoformat(),
+        "data_interval_end": end.isoformat(),
+    }
+    log.info(
+        "Extracted [%s, %s) from %s: %d rows read, %d in the interval, %d outside, %d with unparseable "
+        "occurred_at, %d superseded by a later event, %d staged",
+        start.isoformat(), end.isoformat(), table, result["rows_read"], result["in_interval"],
+        result["outside_interval"], result["unparseable"], result["superseded"], result["staged"],
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- validate
+
+
+def _validation_message(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors(include_url=False, include_input=False):
+        where = ".".join(str(p) for p in item["loc"]) or "input"
+        parts.append(f"{where}: {item['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def validate_staged_events(
+    run_uri: str | ObjectStoragePath, *, require_legal_basis: bool = False
+) -> dict[str, Any]:
+    """Check each staged event against :class:`~hubspot_provider.models.PublicStatusRequest`.
+
+    Valid events go to ``<run_uri>/validated/statuses.jsonl`` in wire form; invalid ones to
+    ``<run_uri>/dead-letters/part-validate.jsonl`` with category ``INVALID_INPUT`` and the reason.
+    The ``validated/`` folder is emptied first, which also drops a checkpoint an earlier attempt of
+    the write step left there: the new input is written from its first line.
+
+    :param run_uri: the run's folder, as returned in :func:`extract_consent_events`'s ``run_uri``.
+    :param require_legal_basis: reject events without ``legal_basis`` and its explanation (GDPR portals).
+    :return: counts and paths: ``valid, invalid, validated_uri, dead_letter_uri``.
+    """
+    run = ObjectStoragePath(str(run_uri))
+    staged_file = run / STAGED_FOLDER / STAGED_FILE
+    validated = run / VALIDATED_FOLDER
+    dead_letters = run / DEAD_LETTER_FOLDER
+    context = {"require_legal_basis": require_legal_basis}
+    _clear_folder(validated)
+    valid = 0
+    with (
+        staged_file.open("r", encoding="utf-8") as source,
+        (validated / VALIDATED_FILE).open("w", encoding="utf-8") as good,
+        _LazyJsonl(dead_letters / VALIDATE_DEAD_LETTERS) as bad,
+    ):
+        for number, text in enumerate(source, start=1):
+            text = text.strip()
+            if not text:
+                continue
+            try:
+                staged = json.loads(text)
+            except ValueError:
+                bad.write(
+                    _dead_letter({"raw": text[:2000]}, f"{staged_file} line {number} is not JSON", None)
+                )
+                continue
+            value = staged.get("input") if isinstance(staged, dict) else None
+            occurred_at = staged.get("occurredAt") if isinstance(staged, dict) else None
+            try:
+                request = PublicStatusRequest.model_validate(value, context=context)
+            except ValidationError as exc:
+                bad.write(_dead_letter(value, _validation_message(exc), occurred_at))
+                continue
+            good.write(_dumps({"input": request.to_wire(), "occurredAt": occurred_at}) + "\n")
+            valid += 1
+    result = {
+        "valid": valid,
+        "invalid": bad.count,
+        "validated_uri": str(validated),
+        "dead_letter_uri": str(dead_letters),
+    }
+    log.info(
+        "Validated %d staged events: %d valid, %d invalid (dead letters in %s)",
+        valid + bad.count, valid, bad.count, dead_letters,
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- outcome
+
+
+def has_failures(
+    extracted: Mapping[str, Any], validated: Mapping[str, Any], submitted: Mapping[str, Any]
+) -> bool:
+    """Whether any event of the run failed: unparseable timestamp, invalid input, or rejected by HubSpot."""
+    return bool(extracted.get("unparseable") or validated.get("invalid") or submitted.get("failed"))
+
+
+def count_dead_letters(folder: str | ObjectStoragePath) -> dict[str, Any]:
+    """Count the dead letters in a folder (every ``*.jsonl`` file, read line by line).
+
+    :return: ``{"dead_letter_uri", "files", "total", "retryable", "by_category"}``; counts only.
+    """
+    root = ObjectStoragePath(str(folder))
+    by_category: dict[str, int] = {}
+    total = retryable = files = 0
+    if root.is_dir():
+        for part in _jsonl_files(root):
+            files += 1
+            with part.open("r", encoding="utf-8", errors="replace") as handle:
+                for text in handle:
+                    if not text.strip():
+                        continue
+                    try:
+                        letter = json.loads(text)
+                    except ValueError:
+                        letter = {}
+                    if not isinstance(letter, dict):
+                        letter = {}
+                    category = str(letter.get("category") or "UNKNOWN")
+                    by_category[category] = by_category.get(category, 0) + 1
+                    total += 1
+                    retryable += bool(letter.get("retryable"))
+    return {
+        "dead_letter_uri": str(root),
+        "files": files,
+        "total": total,
+        "retryable": retryable,
+        "by_category": dict(sorted(by_category.items())),
+    }
+
+
+def run_totals(
+    extracted: Mapping[str, Any],
+    validated: Mapping[str, Any],
+    submitted: Mapping[str, Any] | None,
+    dead_letters: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The run's counts in one flat dict (what ``summary.json`` and the demo show).
+
+    ``failed`` counts every event that did not land: unparseable timestamps, invalid input and
+    HubSpot's rejections; ``failed_by_category`` merges the three.
+    """
+    submitted = submitted or {}
+    by_category: dict[str, int] = {}
+    for name, count in (submitted.get("failed_by_category") or {}).items():
+        by_category[name] = by_category.get(name, 0) + int(count)
+    local_invalid = int(extracted.get("unparseable", 0)) + int(validated.get("invalid", 0))
+    if local_invalid:
+        by_category[INVALID_INPUT] = by_category.get(INVALID_INPUT, 0) + local_invalid
+    failed = local_invalid + int(submitted.get("failed", 0))
+    totals = {
+        "data_interval_start": extracted.get("data_interval_start"),
+        "data_interval_end": extracted.get("data_interval_end"),
+        "rows_read": extracted.get("rows_read", 0),
+        "events_in_interval": extracted.get("in_interval", 0),
+        "outside_interval": extracted.get("outside_interval", 0),
+        "superseded": int(extracted.get("superseded", 0)) + int(submitted.get("superseded", 0)),
+        "unparseable": extracted.get("unparseable", 0),
+        "staged": extracted.get("staged", 0),
+        "invalid": validated.get("invalid", 0),
+        "valid": validated.get("valid", 0),
+        "inputs": int(extracted.get("staged", 0)) + int(extracted.get("unparseable", 0)),
+        "submitted": submitted.get("submitted", 0),
+        "succeeded": submitted.get("succeeded", 0),
+        "changed": submitted.get("changed", 0),
+        "unchanged": submitted.get("unchanged", 0),
+        "failed": failed,
+        "failed_by_category": dict(sorted(by_category.items())),
+        "dead_letters": (dead_letters or {}).get("total", failed),
+        "dead_letter_uri": (dead_letters or {}).get("dead_letter_uri") or validated.get("dead_letter_uri"),
+        "run_uri": extracted.get("run_uri"),
+        "requests": submitted.get("requests", 0),
+        "retries": submitted.get("retries", 0),
+        "rate_limited": submitted.get("rate_limited", 0),
+        "deferrals": submitted.get("deferrals", 0),
+        "elapsed_s": submitted.get("elapsed_s", 0.0),
+        "records_per_s": submitted.get("records_per_s", 0.0),
+    }
+    return totals
+
+
+def _write_summary(totals: Mapping[str, Any]) -> None:
+    if totals.get("run_uri"):
+        path = ObjectStoragePath(str(totals["run_uri"])) / SUMMARY_FILE
+        path.write_text(json.dumps(dict(totals), indent=2, sort_keys=True) + "\n")
+
+
+def _describe(totals: Mapping[str, Any]) -> str:
+    return (
+        f"{totals['events_in_interval']} events in "
+        f"[{totals['data_interval_start']}, {totals['data_interval_end']}) "
+        f"-> {totals['inputs']} statuses ({totals['superseded']} superseded): {totals['succeeded']} written "
+        f"({totals['changed']} changed, {totals['unchanged']} unchanged), {totals['failed']} failed "
+        f"{totals['failed_by_category'] or ''}"
+    ).rstrip(" {}")
+
+
+def report_run(
+    extracted: Mapping[str, Any], validated: Mapping[str, Any], submitted: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The clean outcome: log the counts, write ``summary.json`` beside the run's files, return the totals."""
+    totals = run_totals(extracted, validated, submitted, {"total": 0, "dead_letter_uri": None})
+    _write_summary(totals)
+    log.info("HubSpot consent sync: %s", _describe(totals))
+    return totals
+
+
+def apply_failure_policy(totals: Mapping[str, Any], max_failed_ratio: float) -> None:
+    """Fail (without retries) when more than ``max_failed_ratio`` of the run's inputs failed.
+
+    :raises AirflowFailException: naming the counts, the categories and where the dead letters are.
+    """
+    inputs, failed = int(totals.get("inputs") or 0), int(totals.get("failed") or 0)
+    if inputs and failed / inputs > float(max_failed_ratio):
+        categories = ", ".join(f"{k}={v}" for k, v in (totals.get("failed_by_category") or {}).items())
+        raise AirflowFailException(
+            f"{failed} of {inputs} consent events failed ({failed / inputs:.1%}, above max_failed_ratio "
+            f"{float(max_failed_ratio):.1%}): {categories}. Dead letters: {totals.get('dead_letter_uri')}. "
+            "Fix the data at the source and re-run the interval, or replay the dead letters with "
+            "hubspot_dead_letter_replay"
+        )
+
+
+def _alert(summary: Mapping[str, Any], alert: Callable[[dict[str, Any]], Any] | None) -> None:
+    failed_task = ""
+    if summary.get("failed_task"):
+        failed_task = f"task {summary['failed_task']} failed ({summary.get('error')}); "
+    log.warning(
+        "HubSpot consent sync: %s%d dead letters %s in %s",
+        failed_task,
+        summary.get("dead_letters", 0),
+        summary.get("failed_by_category") or {},
+        summary.get("dead_letter_uri"),
+    )
+    if alert is not None:
+        alert(dict(summary))
+
+
+def summarise_run(
+    extracted: Mapping[str, Any],
+    validated: Mapping[str, Any],
+    submitted: Mapping[str, Any],
+    *,
+    max_failed_ratio: float,
+    alert: Callable[[dict[str, Any]], Any] | None = None,
+) -> dict[str, Any]:
+    """The outcome with failures: count the dead letters by category, alert, then apply the failure policy.
+
+    The alert goes to the task log (WARNING) and to ``alert(summary)`` when given: the place for a
+    Slack or e-mail notifier. The summary holds counts and paths only, never records or emails.
+
+    :param max_failed_ratio: share of the run's inputs allowed to fail before the task fails.
+    :param alert: optional callable receiving the summary dict.
+    :raises AirflowFailException: after alerting, when the failure ratio is above ``max_failed_ratio``.
+    """
+    dead_letters = count_dead_letters(validated.get("dead_letter_uri") or extracted["dead_letter_uri"])
+    totals = run_totals(extracted, validated, submitted, dead_letters)
+    totals["dead_letters_by_category"] = dead_letters["by_category"]
+    totals["dead_letters_retryable"] = dead_letters["retryable"]
+    _write_summary(totals)
+    log.info("HubSpot consent sync: %s", _describe(totals))
+    _alert(totals, alert)
+    apply_failure_policy(totals, max_failed_ratio)
+    return totals
+
+
+def dead_letter_failure_callback(
+    alert: Callable[[dict[str, Any]], Any] | None = None, *, replay: bool = False
+) -> Callable[[Mapping[str, Any]], None]:
+    """An ``on_failure_callback`` that alerts with the run's dead-letter counts when a task fails.
+
+    The failing task never reaches the outcome tasks, so this is where a failed write (HubSpot down
+    past the retry budget, bad credentials) is reported, with whatever dead letters exist so far.
+
+    .. code-block:: python
+
+        HubSpotWriteStatusesOperator(
+            ..., on_failure_callback=dead_letter_failure_callback(alert=page_on_call)
+        )
+
+    :param alert: optional callable receiving the summary dict (counts and paths only).
+    :param replay: the run is a dead-letter replay (its folder comes from the ``dead_letter_uri``
+        param) rather than a consent sync (``storage_uri`` param and run id).
+    """
+
+    def callback(context: Mapping[str, Any]) -> None:
+        params = context.get("params") or {}
+        try:
+            if replay:
+                folder = replay_folder(params["dead_letter_uri"], str(context["run_id"])) / DEAD_LETTER_FOLDER
+            else:
+                folder = run_folder(params.get("storage_uri"), str(context["run_id"])) / DEAD_LETTER_FOLDER
+            counts = count_dead_letters(folder)
+        except Exception:  # noqa: BLE001 - a callback must not hide the task's own failure
+            log.exception("Could not count the dead letters of the failed run")
+            counts = {"total": 0, "by_category": {}, "dead_letter_uri": None}
+        ti = context.get("ti") or context.get("task_instance")
+        summary = {
+            "failed_task": getattr(ti, "task_id", None),
+            "run_id": context.get("run_id"),
+            "error": type(context.get("exception")).__name__ if context.get("exception") else None,
+            "dead_letters": counts["total"],
+            "failed_by_category": counts["by_category"],
+            "dead_letter_uri": counts["dead_letter_uri"],
+        }
+        _alert(summary, alert)
+
+    return callback
+
+
+# ---------------------------------------------------------------------------------------------- replay
+
+
+def replay_folder(dead_letter_uri: str, run_id: str) -> ObjectStoragePath:
+    """Where a replay of ``dead_letter_uri`` keeps its files: ``<dead_letter_uri>/../replay-<run id>``."""
+    return ObjectStoragePath(str(dead_letter_uri)).parent / f"replay-{safe_run_id(run_id)}"
+
+
+def prepare_replay(
+    dead_letter_uri: str, *, run_id: str, include_non_retryable: bool = False
+) -> dict[str, Any]:
+    """Select the dead letters to re-submit into ``<dead_letter_uri>/../replay-<run id>/input/``.
+
+    Reads one dead-letter file, or every ``*.jsonl`` of a folder, line by line; keeps the retryable
+    ones (or all, with ``include_non_retryable``) as staged lines ``{"input", "occurredAt"}``.
+    Whatever still fails is meant to go to ``replay-<run id>/dead-letters/``.
+
+    :return: ``input_uri, dead_letter_uri, replay_uri, selected, skipped, skipped_by_category``.
+    :raises FileNotFoundError: when ``dead_letter_uri`` is neither a file nor a folder.
+    """
+    source = ObjectStoragePath(str(dead_letter_uri))
+    if source.is_dir():
+        files = _jsonl_files(source)
+    elif source.is_file():
+        files = [source]
+    else:
+        raise FileNotFoundError(
+            f"dead_letter_uri {dead_letter_uri} is neither a file nor a folder; pass the dead-letters/ "
+            "folder of a hubspot_consent_sync run (see its summary.json) or one of its part files"
+        )
+    replay = replay_folder(dead_letter_uri, run_id)
+    input_folder = replay / REPLAY_INPUT_FOLDER
+    _clear_folder(input_folder)
+    selected = 0
+    skipped: dict[str, int] = {}
+    with (input_folder / REPLAY_INPUT_FILE).open("w", encoding="utf-8") as out:
+        for part in files:
+            with part.open("r", encoding="utf-8", errors="replace") as handle:
+                for text in handle:
+                    if not text.strip():
+                        continue
+                    try:
+                        letter = json.loads(text)
+                    except ValueError:
+                        letter = None
+                    if not isinstance(letter, dict) or not isinstance(letter.get("input"), dict):
+                        skipped["NOT_A_DEAD_LETTER"] = skipped.get("NOT_A_DEAD_LETTER", 0) + 1
+                        continue
+                    if not include_non_retryable and letter.get("retryable") is not True:
+                        category = str(letter.get("category") or "UNKNOWN")
+                        skipped[category] = skipped.get(category, 0) + 1
+                        continue
+                    staged = {"input": letter["input"], "occurredAt": letter.get("occurredAt")}
+                    out.write(_dumps(staged) + "\n")
+                    selected += 1
+    result = {
+        "input_uri": str(input_folder),
+        "dead_letter_uri": str(replay / DEAD_LETTER_FOLDER),
+        "replay_uri": str(replay),
+        "files": len(files),
+        "selected": selected,
+        "skipped": sum(skipped.values()),
+        "skipped_by_category": dict(sorted(skipped.items())),
+    }
+    log.info("Replay: %d dead letters selected from %d file(s), %d skipped %s", selected, len(files),
+             result["skipped"], result["skipped_by_category"] or "")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- pool
+
+
+def ensure_pool(
+    name: str = HUBSPOT_POOL, slots: int = HUBSPOT_POOL_SLOTS, description: str = HUBSPOT_POOL_DESCRIPTION
+) -> dict[str, Any]:
+    """Create the Airflow pool ``name`` when it does not exist yet; an existing pool is left as configured.
+
+    Airflow's scheduler never queues a task whose pool is missing (it stays *scheduled*, with a
+    "non-existent pool" warning), while ``airflow dags test`` ignores pools altogether. This runs as
+    the first task of the example DAGs so that a fresh Airflow needs no manual step where tasks may
+    reach the metadata database (``dags test``, ``dag.test()``). Airflow 3 workers may not: there the
+    check is skipped with a warning, and the pool is created once by an admin::
+
+        airflow pools set hubspot_api 2 "HubSpot API writes" --include-deferred
+
+    :return: ``{"pool", "slots", "created", "checked"}``.
+    """
+    try:
+        from airflow.models.pool import Pool
+
+        existing = Pool.get_pool(name)
+        if existing is not None:
+            return {"pool": name, "slots": existing.slots, "created": False, "checked": True}
+        Pool.create_or_update_pool(name=name, slots=slots, description=description, include_deferred=True)
+    except Exception as exc:  # noqa: BLE001 - a worker without metadata-DB access raises various errors
+        log.warning(
+            "Cannot check Airflow pool %r from this worker (%s: %s). If the next task stays 'scheduled', "
+            "create the pool once: airflow pools set %s %d %r --include-deferred",
+            name, type(exc).__name__, exc, name, slots, description,
+        )
+        return {"pool": name, "slots": None, "created": False, "checked": False}
+    log.info("Created Airflow pool %r with %d slots", name, slots)
+    return {"pool": name, "slots": slots, "created": True, "checked": True}
+
+
+def report_replay(
+    prepared: Mapping[str, Any],
+    submitted: Mapping[str, Any],
+    *,
+    max_failed_ratio: float,
+    alert: Callable[[dict[str, Any]], Any] | None = None,
+) -> dict[str, Any]:
+    """Log and store (``<replay>/summary.json``) a replay's counts; alert and apply the policy on failures.
+
+    :param prepared: what :func:`prepare_replay` returned.
+    :param submitted: the write operator's XCom summary.
+    :raises AirflowFailException: when more than ``max_failed_ratio`` of the replayed inputs failed again.
+    """
+    dead_letters = count_dead_letters(prepared["dead_letter_uri"])
+    totals = {
+        "replay_uri": prepared["replay_uri"],
+        "selected": prepared["selected"],
+        "skipped": prepared["skipped"],
+        "skipped_by_category": prepared.get("skipped_by_category", {}),
+        "inputs": prepared["selected"],
+        "submitted": submitted.get("submitted", 0),
+        "succeeded": submitted.get("succeeded", 0),
+        "changed": submitted.get("changed", 0),
+        "unchanged": submitted.get("unchanged", 0),
+        "failed": submitted.get("failed", 0),
+        "failed_by_category": submitted.get("failed_by_category", {}),
+        "dead_letters": dead_letters["total"],
+        "dead_letter_uri": dead_letters["dead_letter_uri"],
+        "requests": submitted.get("requests", 0),
+        "records_per_s": submitted.get("records_per_s", 0.0),
+    }
+    (ObjectStoragePath(str(prepared["replay_uri"])) / SUMMARY_FILE).write_text(
+        json.dumps(totals, indent=2, sort_keys=True) + "\n"
+    )
+    log.info(
+        "HubSpot dead-letter replay: %d selected (%d skipped): %d written (%d changed, %d unchanged), "
+        "%d failed again",
+        totals["selected"], totals["skipped"], totals["succeeded"], totals["changed"], totals["unchanged"],
+        totals["failed"],
+    )
+    if totals["failed"]:
+        _alert(totals, alert)
+    apply_failure_policy(totals, max_failed_ratio)
+    return totals

@@ -1,0 +1,401 @@
+"""The example DAGs: integrity, and whole runs with ``dag.test()`` against the emulator over loopback.
+
+Each ``dag.test()`` costs a few seconds of fixed Airflow start-up, so every run checks several things.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from hubspot_provider import consent
+
+REPO = Path(__file__).resolve().parents[1]
+DAY = datetime(2026, 3, 10, tzinfo=timezone.utc)
+# `airflow dags test hubspot_consent_sync 2026-03-11` covers the last whole day before it: DAY.
+LOGICAL_DATE = DAY + timedelta(days=1)
+TASKS = {
+    "ensure_pool", "extract", "validate", "submit", "branch_on_outcome", "report", "summarise_dead_letters",
+}
+CLEAN = {**dict.fromkeys(TASKS - {"summarise_dead_letters"}, "success"), "summarise_dead_letters": "skipped"}
+WITH_FAILURES = {**dict.fromkeys(TASKS - {"report"}, "success"), "report": "skipped"}
+
+
+@pytest.fixture(scope="module")
+def airflow_db():
+    """Airflow's metadata DB in the test session's AIRFLOW_HOME (set by conftest), migrated once."""
+    done = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(REPO / "dags"))
+
+
+@pytest.fixture(scope="module")
+def sync_dag(dagbag):
+    return dagbag.dags["hubspot_consent_sync"]
+
+
+@pytest.fixture(scope="module")
+def replay_dag(dagbag):
+    return dagbag.dags["hubspot_dead_letter_replay"]
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def test_dags_import_without_errors(dagbag):
+    assert dagbag.import_errors == {}
+    assert {"hubspot_consent_sync", "hubspot_dead_letter_replay"} <= set(dagbag.dag_ids)
+
+
+def test_consent_sync_shape(sync_dag):
+    dag = sync_dag
+    assert set(dag.task_ids) == TASKS
+    dag.check_cycle()
+    assert not dag.catchup and dag.max_active_runs <= 3
+    assert dag.start_date < datetime.now(timezone.utc)
+    downstream = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
+    assert downstream["ensure_pool"] == {"extract"}
+    assert "submit" in downstream["validate"]
+    assert downstream["branch_on_outcome"] == {"report", "summarise_dead_letters"}
+    assert dag.get_task("submit").pool == consent.HUBSPOT_POOL
+    assert {t.task_id for t in dag.tasks if t.pool == consent.HUBSPOT_POOL} == {"submit"}
+    assert dag.get_task("submit").on_failure_callback
+    assert dag.get_task("submit").retries == 2  # resumes from its checkpoint after a long outage
+
+    params = {name: dag.params[name] for name in dag.params}
+    assert params == {
+        "source_conn_id": "hubspot_consent_source",
+        "source_table": "consent_events",
+        "hubspot_conn_id": "hubspot_default",
+        "storage_uri": None,
+        "batch_size": 100,
+        "max_failed_ratio": 0.25,
+    }
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag.params.validate()
+    with pytest.raises(ParamValidationError):
+        dag.params.get_param("source_table").resolve("consent_events; DROP TABLE consent_events")
+    with pytest.raises(ParamValidationError):
+        dag.params.get_param("max_failed_ratio").resolve(1.5)
+
+
+def test_consent_sync_runs_cover_one_utc_day(sync_dag):
+    from airflow.serialization.encoders import coerce_to_core_timetable
+    from airflow.timetables.base import DataInterval, TimeRestriction
+
+    timetable = coerce_to_core_timetable(sync_dag.timetable)
+    manual = timetable.infer_manual_data_interval(run_after=LOGICAL_DATE)
+    assert (manual.start, manual.end) == (DAY, LOGICAL_DATE)
+    scheduled = timetable.next_dagrun_info(
+        last_automated_data_interval=DataInterval(DAY - timedelta(days=1), DAY),
+        restriction=TimeRestriction(earliest=None, latest=None, catchup=True),
+    )
+    assert (scheduled.data_interval.start, scheduled.data_interval.end) == (DAY, DAY + timedelta(days=1))
+
+
+def test_replay_dag_shape(replay_dag):
+    dag = replay_dag
+    assert set(dag.task_ids) == {"ensure_pool", "prepare", "submit", "report"}
+    dag.check_cycle()
+    assert type(dag.timetable).__name__ == "NullTimetable"  # manual trigger only
+    submit = dag.get_task("submit")
+    assert submit.pool == consent.HUBSPOT_POOL and submit.only_retryable is True
+    assert dag.params["include_non_retryable"] is False
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError):  # the dead-letter URI must be given
+        dag.params.validate()
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+def test_ensure_pool_creates_a_missing_pool_once(airflow_db):
+    from airflow.models.pool import Pool
+
+    Pool.delete_pool("hubspot_api") if Pool.get_pool("hubspot_api") else None
+    assert consent.ensure_pool() == {"pool": "hubspot_api", "slots": 2, "created": True, "checked": True}
+    Pool.create_or_update_pool("hubspot_api", slots=5, description="set by an admin", include_deferred=True)
+    assert consent.ensure_pool() == {"pool": "hubspot_api", "slots": 5, "created": False, "checked": True}
+    Pool.delete_pool("hubspot_api")
+
+
+def test_ensure_pool_on_a_worker_without_db_access_warns_instead_of_failing():
+    # What Airflow 3 workers do to task processes: the ORM is blocked.
+    code = (
+        "from airflow.sdk.execution_time.supervisor import block_orm_access; block_orm_access()\n"
+        "import json; from hubspot_provider.consent import ensure_pool; print(json.dumps(ensure_pool()))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "pool": "hubspot_api", "slots": None, "created": False, "checked": False,
+    }
+    assert "airflow pools set hubspot_api 2" in done.stdout + done.stderr
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def day_events(n_keys: int, *, prefix: str = "user", per_key: int = 3) -> list[tuple]:
+    """Several events per (email, subscription) through DAY, in mixed timestamp styles, plus neighbours."""
+    rows = []
+    states = ("SUBSCRIBED", "UNSUBSCRIBED", "SUBSCRIBED", "UNSUBSCRIBED")
+    for i in range(n_keys):
+        email = f"{prefix}{i}@example.com"
+        subscription_id = 1001 + i % 3
+        for j in range(per_key):
+            moment = DAY + timedelta(hours=1 + (i * 7 + j * 5) % 22, minutes=j)
+            state = states[(i + j) % len(states)]
+            text = (moment.strftime("%Y-%m-%d %H:%M:%S") if j % 2 == 0
+                    else moment.astimezone(timezone(timedelta(hours=2))).isoformat())
+            rows.append((email.upper() if j == 1 else email, subscription_id, state, None, None, text))
+        # Events of the neighbouring days must not be synced by this run.
+        rows.append((email, subscription_id, "UNSUBSCRIBED" if i % 2 else "SUBSCRIBED", None, None,
+                     (DAY + timedelta(days=1, hours=3)).strftime("%Y-%m-%d %H:%M:%S")))
+        rows.append((email, subscription_id, "NOT_SPECIFIED", None, None, "2026-03-09T23:00:00-00:30"))
+    return rows
+
+
+def expected_latest(rows: list[tuple]) -> dict[tuple[str, int, str], str]:
+    """The statuses HubSpot should end with: latest event of DAY per key (later row on ties)."""
+    latest: dict[tuple[str, int, str], tuple[datetime, str]] = {}
+    for email, subscription_id, status, _lb, _lbe, occurred_at in rows:
+        moment = consent.parse_occurred_at(occurred_at)
+        if moment is None or not DAY <= moment < DAY + timedelta(days=1):
+            continue
+        key = (email.strip().lower(), subscription_id, "EMAIL")
+        if key not in latest or moment >= latest[key][0]:
+            latest[key] = (moment, status)
+    return {key: status for key, (_moment, status) in latest.items()}
+
+
+def hubspot_state(emulator) -> dict[tuple[str, int, str], str]:
+    return {key: value["status"] for key, value in emulator.statuses.items()}
+
+
+@pytest.fixture
+def consent_source(tmp_path, monkeypatch):
+    db = tmp_path / "consent.db"
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_HUBSPOT_CONSENT_SOURCE", json.dumps({"conn_type": "sqlite", "host": str(db)})
+    )
+
+    def write(rows: list[tuple]) -> Path:
+        conn = sqlite3.connect(db)
+        conn.execute("DROP TABLE IF EXISTS consent_events")
+        conn.execute(
+            "CREATE TABLE consent_events (email TEXT, subscription_id INTEGER, status TEXT, "
+            "legal_basis TEXT, legal_basis_explanation TEXT, occurred_at TEXT)"
+        )
+        conn.executemany("INSERT INTO consent_events VALUES (?, ?, ?, ?, ?, ?)", rows)
+        conn.commit()
+        conn.close()
+        return db
+
+    return write
+
+
+@pytest.fixture
+def storage(tmp_path):
+    return tmp_path / "storage"
+
+
+def run_dag(
+    dag, conf: dict, *, logical_date: datetime | None = LOGICAL_DATE, run_after: datetime | None = None
+):
+    dr = dag.test(logical_date=logical_date, run_after=run_after, run_conf=conf)
+    return dr, {ti.task_id: str(ti.state) for ti in dr.get_task_instances()}
+
+
+def run_files(storage: Path, dr) -> Path:
+    return storage / consent.safe_run_id(dr.run_id)
+
+
+def letters(folder: Path) -> list[dict]:
+    return [
+        json.loads(line) for part in sorted(folder.glob("*.jsonl")) for line in part.read_text().splitlines()
+    ]
+
+
+def xcom_values(dr) -> list:
+    from sqlalchemy import select
+
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        query = select(XComModel).where(XComModel.run_id == dr.run_id, XComModel.dag_id == dr.dag_id)
+        rows = session.scalars(query)
+        return [XComModel.deserialize_value(row) for row in rows]
+
+
+def test_clean_day_takes_the_report_branch(
+    airflow_db, sync_dag, hubspot_emulator_factory, hubspot_conn, consent_source, storage
+):
+    emulator = hubspot_emulator_factory()
+    hubspot_conn(emulator)
+    rows = day_events(60)
+    consent_source(rows)
+
+    dr, states = run_dag(sync_dag, {"storage_uri": storage.as_uri(), "batch_size": 25})
+
+    assert states == CLEAN
+    assert str(dr.state) == "success"
+    assert (dr.data_interval_start, dr.data_interval_end) == (DAY, LOGICAL_DATE)
+    assert hubspot_state(emulator) == expected_latest(rows)
+    folder = run_files(storage, dr)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert (summary["inputs"], summary["succeeded"], summary["failed"]) == (60, 60, 0)
+    assert summary["events_in_interval"] == 180
+    assert summary["changed"] == 60 and summary["superseded"] == 120 and summary["outside_interval"] == 120
+    assert letters(folder / "dead-letters") == []
+    assert not (folder / "validated" / "_checkpoint.json").exists()
+    # XCom carries paths and counts only.
+    assert "@example.com" not in json.dumps(xcom_values(dr), default=str).lower()
+
+    # A day without events is a clean, empty run that sends nothing.
+    requests_before = len(emulator.requests)
+    quiet_day = LOGICAL_DATE + timedelta(days=5)
+    dr, states = run_dag(sync_dag, {"storage_uri": storage.as_uri()}, logical_date=quiet_day)
+    assert states == CLEAN
+    summary = json.loads((run_files(storage, dr) / "summary.json").read_text())
+    assert (summary["rows_read"], summary["inputs"], summary["submitted"], summary["failed"]) == (0, 0, 0, 0)
+    assert len(emulator.requests) == requests_before
+
+
+def test_bad_rows_take_the_summarise_branch_and_a_rerun_is_a_harmless_replay(
+    airflow_db, sync_dag, replay_dag, hubspot_emulator_factory, hubspot_conn, consent_source, storage
+):
+    emulator = hubspot_emulator_factory()
+    hubspot_conn(emulator)
+    good = day_events(40)
+    bad = [
+        ("not-an-email", 1001, "SUBSCRIBED", None, None, "2026-03-10 09:00:00"),
+        ("lower@example.com", 1001, "subscribed", None, None, "2026-03-10 09:00:00"),
+        ("unknown-sub@example.com", 4242, "SUBSCRIBED", None, None, "2026-03-10 09:00:00"),
+        ("unknown-sub2@example.com", 4243, "UNSUBSCRIBED", None, None, "2026-03-10T11:00:00+01:00"),
+        ("when@example.com", 1001, "SUBSCRIBED", None, None, "sometime on tuesday"),
+    ]
+    rows = good + bad
+    consent_source(rows)
+    run_after = datetime(2026, 3, 11, 6, tzinfo=timezone.utc)
+
+    dr, states = run_dag(sync_dag, {"storage_uri": storage.as_uri()}, run_after=run_after)
+
+    assert states == WITH_FAILURES
+    assert str(dr.state) == "success"  # 5 of 45 failed: under max_failed_ratio
+    assert hubspot_state(emulator) == expected_latest(good)
+    folder = run_files(storage, dr)
+    dead = letters(folder / "dead-letters")
+    by_email = {d["input"].get("subscriberIdString"): d["category"] for d in dead}
+    assert by_email == {
+        "not-an-email": "INVALID_INPUT",
+        "lower@example.com": "INVALID_INPUT",
+        "when@example.com": "INVALID_INPUT",
+        "unknown-sub@example.com": "OBJECT_NOT_FOUND",
+        "unknown-sub2@example.com": "OBJECT_NOT_FOUND",
+    }
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["failed_by_category"] == {"INVALID_INPUT": 3, "OBJECT_NOT_FOUND": 2}
+    assert summary["dead_letters"] == 5 and summary["dead_letter_uri"] == (folder / "dead-letters").as_uri()
+    first_state = emulator.statuses
+    first_files = sorted(p.name for p in (folder / "dead-letters").iterdir())
+
+    # The same interval again, as a re-run of the same run id: same final state, dead letters rewritten.
+    dr2, states2 = run_dag(sync_dag, {"storage_uri": storage.as_uri()}, run_after=run_after)
+    assert dr2.run_id == dr.run_id and states2 == states
+    assert emulator.statuses == first_state  # nothing changed, so not even HubSpot's timestamps moved
+    assert sorted(p.name for p in (folder / "dead-letters").iterdir()) == first_files
+    assert sorted(map(json.dumps, letters(folder / "dead-letters"))) == sorted(map(json.dumps, dead))
+    again = json.loads((folder / "summary.json").read_text())
+    assert (again["changed"], again["unchanged"], again["dead_letters"]) == (0, 40, 5)
+
+    # Replay: one retryable dead letter (an answer HubSpot never gave) next to the permanent failures.
+    (folder / "dead-letters" / "part-lost.jsonl").write_text(json.dumps({
+        "input": {"subscriberIdString": "late@example.com", "subscriptionId": 1002,
+                  "statusState": "SUBSCRIBED", "channel": "EMAIL"},
+        "category": "NO_RESULT",
+        "message": "no answer",
+        "retryable": True,
+        "occurredAt": "2026-03-10T10:00:00Z",
+    }) + "\n")
+    rdr, rstates = run_dag(
+        replay_dag, {"dead_letter_uri": (folder / "dead-letters").as_uri()}, logical_date=None
+    )
+    assert rstates == dict.fromkeys(["ensure_pool", "prepare", "submit", "report"], "success")
+    assert emulator.status_of("late@example.com", 1002)["status"] == "SUBSCRIBED"
+    assert emulator.status_of("unknown-sub@example.com", 4242) is None
+    replay = folder / f"replay-{consent.safe_run_id(rdr.run_id)}"
+    replay_summary = json.loads((replay / "summary.json").read_text())
+    assert (replay_summary["selected"], replay_summary["skipped"], replay_summary["succeeded"]) == (1, 5, 1)
+    assert letters(replay / "dead-letters") == []
+    assert len(letters(folder / "dead-letters")) == 6  # the originals are left as they were
+
+
+def test_flaky_hubspot_loses_nothing(
+    airflow_db, sync_dag, hubspot_emulator_factory, hubspot_conn, consent_source, storage
+):
+    emulator = hubspot_emulator_factory(fault_rate_5xx=0.2, fault_rate_drop_after_write=0.1, seed=7)
+    hubspot_conn(emulator)
+    rows = day_events(400, per_key=2)
+    consent_source(rows)
+
+    dr, states = run_dag(sync_dag, {"storage_uri": storage.as_uri(), "batch_size": 20})
+
+    assert states["submit"] == "success" and states["report"] == "success", states
+    assert hubspot_state(emulator) == expected_latest(rows)
+    summary = json.loads((run_files(storage, dr) / "summary.json").read_text())
+    assert (summary["inputs"], summary["succeeded"], summary["failed"]) == (400, 400, 0)
+    assert summary["retries"] > 0
+    assert any(r.kind == "fault" for r in emulator.requests)
+
+
+def test_hubspot_down_fails_the_run_and_a_rerun_applies_everything(
+    airflow_db, sync_dag, hubspot_emulator_factory, hubspot_conn, consent_source, storage
+):
+    emulator = hubspot_emulator_factory(fault_rate_5xx=1.0)
+    hubspot_conn(emulator, max_retries=1)
+    rows = day_events(30)
+    consent_source(rows)
+    run_after = datetime(2026, 3, 11, 7, tzinfo=timezone.utc)
+    submit = sync_dag.get_task("submit")
+    retries = submit.retries
+    submit.retries = 0  # the DAG's task retries wait minutes; the hook's retry budget is what is tested here
+    try:
+        dr, states = run_dag(sync_dag, {"storage_uri": storage.as_uri()}, run_after=run_after)
+        assert states == {
+            "ensure_pool": "success", "extract": "success", "validate": "success", "submit": "failed",
+            "branch_on_outcome": "upstream_failed", "report": "upstream_failed",
+            "summarise_dead_letters": "upstream_failed",
+        }
+        assert str(dr.state) == "failed"
+        assert emulator.statuses == {}
+        folder = run_files(storage, dr)
+        assert not (folder / "summary.json").exists()  # nothing reported as done
+        assert (folder / "validated" / "_checkpoint.json").exists()  # where a task retry would resume
+
+        emulator.fault_rate_5xx = 0.0
+        dr2, states2 = run_dag(sync_dag, {"storage_uri": storage.as_uri()}, run_after=run_after)
+    finally:
+        submit.retries = retries
+    assert dr2.run_id == dr.run_id
+    assert states2 == CLEAN
+    assert hubspot_state(emulator) == expected_latest(rows)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert (summary["succeeded"], summary["failed"]) == (30, 0)
+    assert not (folder / "validated" / "_checkpoint.json").exists()
