@@ -1,15 +1,14 @@
 """Keep HubSpot email subscription statuses in step with a SQL consent table, one data interval per run.
 
-``ensure_pool → extract → validate → submit → branch_on_outcome → report | summarise_dead_letters``
+``extract → validate → submit → branch_on_outcome → report | summarise_dead_letters``
 
 * **extract** reads the events of the run's data interval ``[data_interval_start, data_interval_end)``
   (UTC) from ``source_table`` through any Airflow SQL connection, keeps the latest event per
   (email, subscription, EMAIL) and stages them under ``<storage_uri>/<run id>/staged/``.
 * **validate** checks each staged event; invalid ones become dead letters (``INVALID_INPUT``).
 * **submit** writes the valid ones with ``HubSpotWriteStatusesOperator`` through the ``hubspot_api``
-  pool, which caps concurrent writers across runs and workers (``ensure_pool`` creates it when the
-  task can reach the metadata DB; otherwise run ``airflow pools set hubspot_api 2 "HubSpot API
-  writes" --include-deferred`` once). It defers while a long rate-limit wait passes (a triggerer
+  pool, which caps concurrent writers across runs and workers. The provider's plugin creates the
+  pool (2 slots) when the scheduler starts if nobody has; resize it with ``airflow pools set``. It defers while a long rate-limit wait passes (a triggerer
   must be running) and resumes from its checkpoint after a failed try.
 * **branch_on_outcome**: no failures at all → **report**; some → **summarise_dead_letters**, which
   counts the dead letters by category, alerts (task log, and ``dead_letter_alert`` below), and fails
@@ -92,11 +91,6 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
 )
 def hubspot_consent_sync() -> None:
     @task
-    def ensure_pool() -> dict[str, Any]:
-        """Create the hubspot_api pool if it is missing and this worker may reach the metadata DB."""
-        return consent.ensure_pool()
-
-    @task
     def extract(
         params: dict[str, Any] | None = None,
         run_id: str | None = None,
@@ -166,7 +160,6 @@ def hubspot_consent_sync() -> None:
     )
     submitted = submit.output
     outcome = branch_on_outcome(extracted, validated, submitted)
-    ensure_pool() >> extracted
     outcome >> [
         report(extracted, validated, submitted),
         summarise_dead_letters(extracted, validated, submitted),

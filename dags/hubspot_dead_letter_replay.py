@@ -1,6 +1,6 @@
 """Re-submit dead letters of a consent sync run (manual trigger).
 
-``ensure_pool → prepare → submit → report``
+``prepare → submit → report``
 
 Trigger with the dead-letter folder (or one part file) of a ``hubspot_consent_sync`` run, e.g.::
 
@@ -69,11 +69,6 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
     doc_md=__doc__,
 )
 def hubspot_dead_letter_replay() -> None:
-    @task
-    def ensure_pool() -> dict[str, Any]:
-        """Create the hubspot_api pool if it is missing and this worker may reach the metadata DB."""
-        return consent.ensure_pool()
-
     @task(multiple_outputs=True)
     def prepare(params: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
         """Select the dead letters to re-submit into this replay's own input folder."""
@@ -105,7 +100,6 @@ def hubspot_dead_letter_replay() -> None:
         pool=consent.HUBSPOT_POOL,
         on_failure_callback=consent.dead_letter_failure_callback(alert=dead_letter_alert, replay=True),
     )
-    ensure_pool() >> prepared
     report(prepared, submit.output)
 
 

@@ -898,10 +898,10 @@ def ensure_pool(
     """Create the Airflow pool ``name`` when it does not exist yet; an existing pool is left as configured.
 
     Airflow's scheduler never queues a task whose pool is missing (it stays *scheduled*, with a
-    "non-existent pool" warning), while ``airflow dags test`` ignores pools altogether. This runs as
-    the first task of the example DAGs so that a fresh Airflow needs no manual step where tasks may
-    reach the metadata database (``dags test``, ``dag.test()``). Airflow 3 workers may not: there the
-    check is skipped with a warning, and the pool is created once by an admin::
+    "non-existent pool" warning). The provider's plugin (:mod:`hubspot_provider.plugins`) calls this
+    when the scheduler, DAG processor or triggerer starts, so a fresh Airflow needs no manual step.
+    Where the metadata database is out of reach, the check is skipped with a warning naming the
+    one-time fix::
 
         airflow pools set hubspot_api 2 "HubSpot API writes" --include-deferred
 

@@ -21,7 +21,7 @@ DAY = datetime(2026, 3, 10, tzinfo=timezone.utc)
 # `airflow dags test hubspot_consent_sync 2026-03-11` covers the last whole day before it: DAY.
 LOGICAL_DATE = DAY + timedelta(days=1)
 TASKS = {
-    "ensure_pool", "extract", "validate", "submit", "branch_on_outcome", "report", "summarise_dead_letters",
+    "extract", "validate", "submit", "branch_on_outcome", "report", "summarise_dead_letters",
 }
 CLEAN = {**dict.fromkeys(TASKS - {"summarise_dead_letters"}, "success"), "summarise_dead_letters": "skipped"}
 WITH_FAILURES = {**dict.fromkeys(TASKS - {"report"}, "success"), "report": "skipped"}
@@ -67,7 +67,6 @@ def test_consent_sync_shape(sync_dag):
     assert not dag.catchup and dag.max_active_runs <= 3
     assert dag.start_date < datetime.now(timezone.utc)
     downstream = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
-    assert downstream["ensure_pool"] == {"extract"}
     assert "submit" in downstream["validate"]
     assert downstream["branch_on_outcome"] == {"report", "summarise_dead_letters"}
     assert dag.get_task("submit").pool == consent.HUBSPOT_POOL
@@ -109,7 +108,7 @@ def test_consent_sync_runs_cover_one_utc_day(sync_dag):
 
 def test_replay_dag_shape(replay_dag):
     dag = replay_dag
-    assert set(dag.task_ids) == {"ensure_pool", "prepare", "submit", "report"}
+    assert set(dag.task_ids) == {"prepare", "submit", "report"}
     dag.check_cycle()
     assert type(dag.timetable).__name__ == "NullTimetable"  # manual trigger only
     submit = dag.get_task("submit")
@@ -337,7 +336,7 @@ def test_bad_rows_take_the_summarise_branch_and_a_rerun_is_a_harmless_replay(
     rdr, rstates = run_dag(
         replay_dag, {"dead_letter_uri": (folder / "dead-letters").as_uri()}, logical_date=None
     )
-    assert rstates == dict.fromkeys(["ensure_pool", "prepare", "submit", "report"], "success")
+    assert rstates == dict.fromkeys(["prepare", "submit", "report"], "success")
     assert emulator.status_of("late@example.com", 1002)["status"] == "SUBSCRIBED"
     assert emulator.status_of("unknown-sub@example.com", 4242) is None
     replay = folder / f"replay-{consent.safe_run_id(rdr.run_id)}"
@@ -379,7 +378,7 @@ def test_hubspot_down_fails_the_run_and_a_rerun_applies_everything(
     try:
         dr, states = run_dag(sync_dag, {"storage_uri": storage.as_uri()}, run_after=run_after)
         assert states == {
-            "ensure_pool": "success", "extract": "success", "validate": "success", "submit": "failed",
+            "extract": "success", "validate": "success", "submit": "failed",
             "branch_on_outcome": "upstream_failed", "report": "upstream_failed",
             "summarise_dead_letters": "upstream_failed",
         }

@@ -22,6 +22,7 @@ def airflow_cli(tmp_path_factory):
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(home / "dags"),
     }
     airflow = str(Path(sys.executable).with_name("airflow"))
 
@@ -72,3 +73,16 @@ def test_connection_get_hook_builds_a_hubspot_hook(monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_HUBSPOT_X", conn.as_json())
     hook = conn.get_hook(hook_params={"method": "POST", "tcp_keep_alive": True})
     assert isinstance(hook, HubSpotHook) and hook.hubspot_conn_id == "hubspot_x"
+
+
+def test_scheduler_start_creates_the_hubspot_api_pool(airflow_cli):
+    airflow_cli("db", "migrate")
+    assert "hubspot_provider.plugins._PoolListener" in airflow_cli("plugins")
+    airflow_cli("scheduler", "--num-runs", "1")
+    (pool,) = json.loads(airflow_cli("pools", "get", "hubspot_api", "-o", "json"))
+    assert pool["pool"] == "hubspot_api" and int(pool["slots"]) >= 1
+    # An admin's own size is kept on later starts.
+    airflow_cli("pools", "set", "hubspot_api", "5", "sized by an admin")
+    airflow_cli("scheduler", "--num-runs", "1")
+    (pool,) = json.loads(airflow_cli("pools", "get", "hubspot_api", "-o", "json"))
+    assert int(pool["slots"]) == 5
