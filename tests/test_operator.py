@@ -333,8 +333,9 @@ def test_auth_errors_fail_the_task_without_marking_anything_done(emulator, conn,
     uri = staged(tmp_path / "in.jsonl", rows(30))
     emulator.inject("slow:0", count=2)
     emulator.inject("401")
-    with pytest.raises(HubSpotAuthError):
+    with pytest.raises(AirflowFailException, match="rejected the access token") as caught:
         operator(input_uri=uri, batch_size=5, segment_size=10).execute(context={})
+    assert isinstance(caught.value.__cause__, HubSpotAuthError)  # no task retries for a bad token
     assert json.loads((tmp_path / "in.jsonl.checkpoint.json").read_text())["progress"]["lines_done"] == 10
 
 

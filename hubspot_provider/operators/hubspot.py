@@ -24,7 +24,12 @@ from airflow.providers.standard.triggers.temporal import DateTimeTrigger
 from airflow.sdk import BaseOperator, ObjectStoragePath
 from airflow.sdk.configuration import conf
 from airflow.sdk.exceptions import AirflowFailException
-from hubspot_provider.exceptions import HubSpotRateLimitError, HubSpotUnavailableError
+from hubspot_provider.exceptions import (
+    HubSpotAuthError,
+    HubSpotConfigError,
+    HubSpotRateLimitError,
+    HubSpotUnavailableError,
+)
 from hubspot_provider.hooks.hubspot import INVALID_INPUT, FailedInput, HubSpotHook, WriteReport
 from hubspot_provider.models import PublicStatusRequest
 
@@ -157,7 +162,8 @@ class HubSpotWriteStatusesOperator(BaseOperator):
       waits of a few minutes and fails longer ones (the task retry resumes from the checkpoint).
     * **Failure policy.** Bad data never stops the sync. Once everything is sent, the task fails
       (without retries) only if ``failed / submitted`` exceeds ``max_failed_ratio``.
-    * HubSpot staying unavailable, and authentication or scope errors, fail the task at once.
+    * HubSpot staying unavailable fails the task (a task retry resumes from the checkpoint);
+      authentication, scope and connection errors fail it without retries.
 
     Returns (XCom) a summary of counts, never records: ``submitted, succeeded, changed,
     unchanged, superseded, failed, skipped, failed_by_category, reasons, dead_letter_uri,
@@ -358,6 +364,10 @@ class HubSpotWriteStatusesOperator(BaseOperator):
                 progress.add_traffic(exc.partial_report)
                 save()
                 raise
+            except (HubSpotAuthError, HubSpotConfigError) as exc:
+                # A wrong token, a missing scope or a bad connection will not fix itself on a retry.
+                save()
+                raise AirflowFailException(str(exc)) from exc
 
         if staged is not None:
             staged.checkpoint.unlink(missing_ok=True)
