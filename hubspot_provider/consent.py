@@ -41,7 +41,7 @@ from pydantic import ValidationError
 from airflow.sdk import BaseHook, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowFailException
 from hubspot_provider.hooks.hubspot import INVALID_INPUT
-from hubspot_provider.models import PublicStatusRequest
+from hubspot_provider.models import PublicStatusRequest, describe_validation_error
 
 __all__ = [
     "DEAD_LETTER_FOLDER",
@@ -530,14 +530,6 @@ def extract_consent_events(
 # ---------------------------------------------------------------------------------------------- validate
 
 
-def _validation_message(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors(include_url=False, include_input=False):
-        where = ".".join(str(p) for p in item["loc"]) or "input"
-        parts.append(f"{where}: {item['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
-
-
 def validate_staged_events(
     run_uri: str | ObjectStoragePath, *, require_legal_basis: bool = False
 ) -> dict[str, Any]:
@@ -580,7 +572,7 @@ def validate_staged_events(
             try:
                 request = PublicStatusRequest.model_validate(value, context=context)
             except ValidationError as exc:
-                bad.write(_dead_letter(value, _validation_message(exc), occurred_at))
+                bad.write(_dead_letter(value, describe_validation_error(exc), occurred_at))
                 continue
             good.write(_dumps({"input": request.to_wire(), "occurredAt": occurred_at}) + "\n")
             valid += 1

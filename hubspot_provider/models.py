@@ -30,6 +30,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictInt,
+    ValidationError,
     ValidationInfo,
     model_validator,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "SubscriptionDefinition",
     "StatusKey",
     "INT64_MAX",
+    "describe_validation_error",
 ]
 
 INT64_MAX = 2**63 - 1
@@ -130,6 +132,15 @@ def _check_explanation(value: str | None) -> str | None:
 
 EmailAddress = Annotated[str, AfterValidator(_check_email)]
 SubscriptionId = Annotated[StrictInt, Field(gt=0, le=INT64_MAX)]
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line naming each bad field and what is wrong with it (no input values: they may be personal data)."""
+    parts = []
+    for item in error.errors(include_url=False, include_input=False):
+        where = ".".join(str(p) for p in item["loc"]) or "input"
+        parts.append(f"{where}: {item['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
 
 StatusKey = tuple[str, int, str]
 """Identity of one subscription status: (lower-cased email, subscription id, channel)."""

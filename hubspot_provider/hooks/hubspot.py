@@ -48,6 +48,7 @@ from hubspot_provider.models import (
     StandardError,
     StatusKey,
     SubscriptionDefinition,
+    describe_validation_error,
 )
 
 DEFAULT_HOST = "api.hubapi.com"
@@ -306,15 +307,6 @@ class _BearerAuth(AuthBase):
 
 def _no_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
     return request
-
-
-def _error_message(error: ValidationError) -> str:
-    parts = []
-    for err in error.errors(include_url=False, include_input=False):
-        where = ".".join(str(p) for p in err["loc"]) or "input"
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}")
-    return "; ".join(parts)
 
 
 def _as_dict(value: Any) -> dict[str, Any]:
@@ -795,7 +787,7 @@ class HubSpotHook(HttpHook):
             try:
                 wires.append(self._validate(value).to_wire())
             except ValidationError as exc:
-                raise ValueError(f"input {position} is invalid: {_error_message(exc)}") from None
+                raise ValueError(f"input {position} is invalid: {describe_validation_error(exc)}") from None
         stats = _Stats()
         response = self._with_retries(
             stats,
@@ -966,7 +958,7 @@ class HubSpotHook(HttpHook):
                     except ValidationError as exc:
                         report.submitted += 1
                         fail(FailedInput(index=index, input=_as_dict(value), category=INVALID_INPUT,
-                                         message=_error_message(exc), retryable=False))
+                                         message=describe_validation_error(exc), retryable=False))
                         continue
                     item = _Item(index=index, key=request.key, wire=request.to_wire())
                     previous = pending.pop(item.key, None)
