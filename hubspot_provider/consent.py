@@ -42,6 +42,7 @@ from airflow.sdk import BaseHook, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowFailException
 from hubspot_provider.hooks.hubspot import INVALID_INPUT
 from hubspot_provider.models import PublicStatusRequest, describe_validation_error
+from hubspot_provider.operators.hubspot import dead_letter
 
 __all__ = [
     "DEAD_LETTER_FOLDER",
@@ -247,13 +248,7 @@ def _jsonl_files(folder: ObjectStoragePath) -> list[ObjectStoragePath]:
 
 
 def _dead_letter(value: Any, message: str, occurred_at: str | None) -> dict[str, Any]:
-    return {
-        "input": value,
-        "category": INVALID_INPUT,
-        "message": message,
-        "retryable": False,
-        "occurredAt": occurred_at,
-    }
+    return dead_letter(value, INVALID_INPUT, message, False, occurred_at)
 
 
 def _short_repr(value: Any) -> str:

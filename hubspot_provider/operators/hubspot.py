@@ -411,7 +411,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
     ) -> None:
         sendable = [r for r in segment if r.kind == "input"]
         letters: list[tuple[int, dict[str, Any]]] = [
-            (r.line, _dead_letter(r.value, INVALID_INPUT, r.error or "not valid JSON", False, None))
+            (r.line, dead_letter(r.value, INVALID_INPUT, r.error or "not valid JSON", False, None))
             for r in segment if r.kind == "invalid"
         ]
         report = self.hook.write_statuses((r.value for r in sendable), batch_size=self._batch_size)
@@ -635,9 +635,13 @@ def _camel_keys(value: dict[str, Any]) -> dict[str, Any]:
     return {_WIRE_NAMES.get(key, key): item for key, item in value.items()}
 
 
-def _dead_letter(
+def dead_letter(
     value: Any, category: str, message: str, retryable: bool, occurred_at: Any
 ) -> dict[str, Any]:
+    """One dead-letter line: ``{"input", "category", "message", "retryable", "occurredAt"}``.
+
+    The shape every dead-letter file of the provider uses; a dead-letter line is also valid staged input.
+    """
     return {
         "input": value,
         "category": category,
@@ -649,6 +653,6 @@ def _dead_letter(
 
 def _dead_letter_from(failure: FailedInput, occurred_at: Any) -> dict[str, Any]:
     # Inputs rejected before sending come back as given; camelCase keeps them replayable as is.
-    return _dead_letter(_camel_keys(failure.input), failure.category, failure.message, failure.retryable,
+    return dead_letter(_camel_keys(failure.input), failure.category, failure.message, failure.retryable,
                         occurred_at)
 
