@@ -398,3 +398,24 @@ def test_hubspot_down_fails_the_run_and_a_rerun_applies_everything(
     summary = json.loads((folder / "summary.json").read_text())
     assert (summary["succeeded"], summary["failed"]) == (30, 0)
     assert not (folder / "validated" / "_checkpoint.json").exists()
+
+
+def test_daily_limit_defers_the_write_and_the_run_resumes_after_the_reset(
+    airflow_db, sync_dag, hubspot_emulator_factory, hubspot_conn, consent_source, storage
+):
+    # A "day" of 3 requests that resets 2 s after it starts: submit hits the DAILY limit part-way,
+    # defers to DateTimeTrigger (run inline by dag.test()), and resumes from its checkpoint.
+    emulator = hubspot_emulator_factory(daily_limit=3, daily_reset_s=2)
+    hubspot_conn(emulator)
+    rows = day_events(100, per_key=1)
+    consent_source(rows)
+
+    dr, states = run_dag(sync_dag, {"storage_uri": storage.as_uri(), "batch_size": 10})
+
+    assert states == CLEAN, states
+    assert hubspot_state(emulator) == expected_latest(rows)
+    assert any(r.kind == "daily_limited" for r in emulator.requests)
+    summary = json.loads((run_files(storage, dr) / "summary.json").read_text())
+    assert (summary["inputs"], summary["succeeded"], summary["failed"]) == (100, 100, 0)
+    submitted = next(v for v in xcom_values(dr) if isinstance(v, dict) and "deferrals" in v)
+    assert submitted["deferrals"] >= 1

@@ -394,13 +394,25 @@ def test_dead_letter_folder_may_not_be_the_input_folder(conn, tmp_path):
         operator(input_uri=(tmp_path / "in").as_uri(), dead_letter_uri=(tmp_path / "in").as_uri()).execute({})
 
 
+def test_a_segment_larger_than_the_limit_allows_still_finishes(hubspot_emulator_factory, hubspot_conn):
+    emulator = hubspot_emulator_factory(daily_limit=1, daily_reset_s=1)
+    hubspot_conn(emulator)
+    # Each "day" allows one request and a segment needs two: after the first stop the operator
+    # goes one batch per segment, so every acknowledged request counts and the sync completes.
+    summary = operator(inputs=rows(10), batch_size=5, segment_size=10).execute(context={})
+    assert (summary["submitted"], summary["succeeded"]) == (10, 10)
+    assert len(emulator.statuses) == 10
+    assert "daily_limited" in [r.kind for r in emulator.requests]
+
+
 def test_waits_that_make_no_headway_end_in_a_failure(hubspot_emulator_factory, hubspot_conn, monkeypatch):
     from hubspot_provider.operators import hubspot as module
 
     monkeypatch.setattr(module, "MAX_STALLED_WAITS", 1)
-    emulator = hubspot_emulator_factory(daily_limit=1, daily_reset_s=1)
+    emulator = hubspot_emulator_factory(daily_reset_s=1)
     hubspot_conn(emulator)
-    # Each "day" allows one request, a segment needs two: the sync can never finish a segment.
+    emulator.inject("429_daily", count=5)  # something else keeps the daily budget used up
     with pytest.raises(HubSpotDailyLimitError):
         operator(inputs=rows(10), batch_size=5, segment_size=10).execute(context={})
-    assert [r.kind for r in emulator.requests] == ["ok", "daily_limited", "ok", "daily_limited"]
+    assert [r.kind for r in emulator.requests] == ["daily_limited", "daily_limited"]
+    assert emulator.statuses == {}

@@ -73,6 +73,7 @@ class _Progress:
     rate_limited: int = 0
     deferrals: int = 0
     stalled_waits: int = 0
+    segment_size: int = 0  # set once a rate-limit stop shrank the segments (0: the configured size)
     dead_letter_files: int = 0
     elapsed_s: float = 0.0
 
@@ -313,6 +314,8 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             if dead_letters is not None:
                 self._remove_stale_parts(dead_letters, prefix)
         else:
+            if progress.segment_size:
+                segment_size = progress.segment_size
             if not resuming:
                 progress.stalled_waits = 0  # a new try deserves a full allowance of waits
             self.log.info("Resuming after %d lines (%d segments) already written", progress.lines_done,
@@ -337,6 +340,12 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             except HubSpotRateLimitError as exc:
                 progress.add_traffic(exc.partial_report)
                 progress.stalled_waits += 1
+                # An interrupted segment is sent again whole. If a segment needs more requests than
+                # the limit allows between resets, it would never finish; from here on, one batch
+                # per segment, so every acknowledged request is checkpointed.
+                one_batch = self._batch_size or self.hook.batch_size
+                if segment_size > one_batch:
+                    segment_size = progress.segment_size = one_batch
                 save()
                 wait_s = (exc.reset_at - datetime.now(timezone.utc)).total_seconds()
                 if progress.stalled_waits > MAX_STALLED_WAITS:
