@@ -247,6 +247,20 @@ def _jsonl_files(folder: ObjectStoragePath) -> list[ObjectStoragePath]:
     )
 
 
+def _read_dead_letters(parts: list[ObjectStoragePath]) -> Iterator[dict[str, Any] | None]:
+    """Each non-blank line of ``parts`` parsed; ``None`` for a line that is not a JSON object."""
+    for part in parts:
+        with part.open("r", encoding="utf-8", errors="replace") as handle:
+            for text in handle:
+                if not text.strip():
+                    continue
+                try:
+                    value = json.loads(text)
+                except ValueError:
+                    value = None
+                yield value if isinstance(value, dict) else None
+
+
 def _dead_letter(value: Any, message: str, occurred_at: str | None) -> dict[str, Any]:
     return dead_letter(value, INVALID_INPUT, message, False, occurred_at)
 
@@ -603,22 +617,14 @@ def count_dead_letters(folder: str | ObjectStoragePath) -> dict[str, Any]:
     by_category: dict[str, int] = {}
     total = retryable = files = 0
     if root.is_dir():
-        for part in _jsonl_files(root):
-            files += 1
-            with part.open("r", encoding="utf-8", errors="replace") as handle:
-                for text in handle:
-                    if not text.strip():
-                        continue
-                    try:
-                        letter = json.loads(text)
-                    except ValueError:
-                        letter = {}
-                    if not isinstance(letter, dict):
-                        letter = {}
-                    category = str(letter.get("category") or "UNKNOWN")
-                    by_category[category] = by_category.get(category, 0) + 1
-                    total += 1
-                    retryable += bool(letter.get("retryable"))
+        parts = _jsonl_files(root)
+        files = len(parts)
+        for letter in _read_dead_letters(parts):
+            letter = letter or {}
+            category = str(letter.get("category") or "UNKNOWN")
+            by_category[category] = by_category.get(category, 0) + 1
+            total += 1
+            retryable += bool(letter.get("retryable"))
     return {
         "dead_letter_uri": str(root),
         "files": files,
@@ -843,25 +849,17 @@ def prepare_replay(
     selected = 0
     skipped: dict[str, int] = {}
     with (input_folder / REPLAY_INPUT_FILE).open("w", encoding="utf-8") as out:
-        for part in files:
-            with part.open("r", encoding="utf-8", errors="replace") as handle:
-                for text in handle:
-                    if not text.strip():
-                        continue
-                    try:
-                        letter = json.loads(text)
-                    except ValueError:
-                        letter = None
-                    if not isinstance(letter, dict) or not isinstance(letter.get("input"), dict):
-                        skipped["NOT_A_DEAD_LETTER"] = skipped.get("NOT_A_DEAD_LETTER", 0) + 1
-                        continue
-                    if not include_non_retryable and letter.get("retryable") is not True:
-                        category = str(letter.get("category") or "UNKNOWN")
-                        skipped[category] = skipped.get(category, 0) + 1
-                        continue
-                    staged = {"input": letter["input"], "occurredAt": letter.get("occurredAt")}
-                    out.write(_dumps(staged) + "\n")
-                    selected += 1
+        for letter in _read_dead_letters(files):
+            if letter is None or not isinstance(letter.get("input"), dict):
+                skipped["NOT_A_DEAD_LETTER"] = skipped.get("NOT_A_DEAD_LETTER", 0) + 1
+                continue
+            if not include_non_retryable and letter.get("retryable") is not True:
+                category = str(letter.get("category") or "UNKNOWN")
+                skipped[category] = skipped.get(category, 0) + 1
+                continue
+            staged = {"input": letter["input"], "occurredAt": letter.get("occurredAt")}
+            out.write(_dumps(staged) + "\n")
+            selected += 1
     result = {
         "input_uri": str(input_folder),
         "dead_letter_uri": str(replay / DEAD_LETTER_FOLDER),
