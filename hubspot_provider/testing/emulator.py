@@ -164,6 +164,23 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".%03dZ" % (int(ts * 1000) % 1000)
 
 
+def _envelope(
+    started: float, results: list[dict[str, Any]], errors: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """A completed batch/action response; ``errors``/``numErrors`` only when there are errors."""
+    payload: dict[str, Any] = {
+        "status": "COMPLETE",
+        "results": results,
+        "requestedAt": _iso(started),
+        "startedAt": _iso(started),
+        "completedAt": _iso(time.time()),
+    }
+    if errors:
+        payload["errors"] = errors
+        payload["numErrors"] = len(errors)
+    return payload
+
+
 def _error_body(correlation_id: str, message: str, category: str, **extra: Any) -> dict[str, Any]:
     return {
         "status": "error",
@@ -860,16 +877,7 @@ class HubSpotEmulator:
                 results.append(result)
             self._writes_applied += len(results)
 
-        payload: dict[str, Any] = {
-            "status": "COMPLETE",
-            "results": results,
-            "requestedAt": _iso(started),
-            "startedAt": _iso(started),
-            "completedAt": _iso(time.time()),
-        }
-        if errors:
-            payload["errors"] = errors
-            payload["numErrors"] = len(errors)
+        payload = _envelope(started, results, errors)
         status = 207 if errors and self.multi_status else 200
         return self._reply(status, payload, correlation_id, "ok", headers)
 
@@ -920,16 +928,7 @@ class HubSpotEmulator:
                     if (record := self._statuses.get((lowered, sid, "EMAIL"))) is not None
                 ]
                 results.append({"subscriberIdString": lowered, "statuses": statuses})
-        payload: dict[str, Any] = {
-            "status": "COMPLETE",
-            "results": results,
-            "requestedAt": _iso(started),
-            "startedAt": _iso(started),
-            "completedAt": _iso(time.time()),
-        }
-        if errors:
-            payload["errors"] = errors
-            payload["numErrors"] = len(errors)
+        payload = _envelope(started, results, errors)
         return self._reply(207 if errors else 200, payload, correlation_id, "ok", headers)
 
     def _definitions_reply(self, query: str, correlation_id: str, headers: _Headers) -> _Reply:
@@ -942,13 +941,7 @@ class HubSpotEmulator:
             if translations:
                 item.setdefault("subscriptionTranslations", [])
             results.append(item)
-        payload = {
-            "status": "COMPLETE",
-            "results": results,
-            "requestedAt": _iso(started),
-            "startedAt": _iso(started),
-            "completedAt": _iso(time.time()),
-        }
+        payload = _envelope(started, results)
         return self._reply(200, payload, correlation_id, "ok", headers)
 
     def _serve_token(self, body: bytes, correlation_id: str) -> _Reply:
