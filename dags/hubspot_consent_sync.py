@@ -4,7 +4,8 @@
 
 * **extract** reads the events of the run's data interval ``[data_interval_start, data_interval_end)``
   (UTC) from ``source_table`` through any Airflow SQL connection, keeps the latest event per
-  (email, subscription, EMAIL) and stages them under ``<storage_uri>/<run id>/staged/``.
+  (email, subscription, EMAIL) and stages them under ``<storage_uri>/<run id>/staged/``. A key the
+  source changed again after the interval is left to that later event (and its own run).
 * **validate** checks each staged event; invalid ones become dead letters (``INVALID_INPUT``).
 * **submit** writes the valid ones with ``HubSpotWriteStatusesOperator`` through the ``hubspot_api``
   pool, which caps concurrent writers across runs and workers. The provider's plugin creates the
@@ -17,7 +18,9 @@
 Daily runs cover one UTC day: a scheduled or backfill run for logical date D syncs day D, and
 ``airflow dags test hubspot_consent_sync 2026-03-11`` syncs 2026-03-10 (a manual run covers the last
 whole day before its date). Re-running or backfilling an interval is a harmless replay: HubSpot ends
-in the same state and the run's files are rewritten, not appended to.
+in the same state and the run's files are rewritten, not appended to. Backfilling an old day after
+newer days have run does not put back statuses that changed since: those keys are superseded by
+their later events.
 
 Source contract: ``consent_events(email, subscription_id, status, legal_basis,
 legal_basis_explanation, occurred_at)``, see :mod:`hubspot_provider.consent`.
@@ -85,6 +88,13 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
             maximum=1,
             description="Largest share of the interval's events that may fail before the run fails.",
         ),
+        "later_events_win": Param(
+            True,
+            type="boolean",
+            description="Leave out contacts the source changed again after the interval, so a backfill "
+            "of an old day never puts back a status that has changed since. Off: sync the interval's "
+            "latest events whatever happened later.",
+        ),
     },
     tags=["hubspot", "consent"],
     doc_md=__doc__,
@@ -104,6 +114,7 @@ def hubspot_consent_sync() -> None:
             data_interval_start=data_interval_start,
             data_interval_end=data_interval_end,
             run_uri=consent.run_folder(params["storage_uri"], run_id),
+            later_events_supersede=params["later_events_win"],
         )
 
     @task(multiple_outputs=True)

@@ -138,7 +138,8 @@ def _print_summary(summary: dict, source_events: int) -> None:
                         f"{summary['events_in_interval']} in the interval, "
                         f"{summary['outside_interval']} outside it, "
                         f"{summary['unparseable']} without a usable timestamp"),
-        ("Latest per key", f"{summary['staged']} statuses ({summary['superseded']} older events superseded), "
+        ("Latest per key", f"{summary['staged']} statuses ({summary['superseded']} older events superseded; "
+                           f"{summary['superseded_later']} keys left to a later event), "
                            f"{summary['valid']} valid"),
         ("Written to HubSpot", f"{summary['succeeded']}: {summary['changed']} changed, "
                                f"{summary['unchanged']} already in that state"),

@@ -344,6 +344,15 @@ def _source_query(
     ]
 
 
+def _later_query(table: str, conn_type: str, placeholder: str, end: datetime) -> tuple[str, list[Any]]:
+    """Events from a day before ``end`` onwards (the exact ``>= end`` test is made in Python, as above)."""
+    where = f"occurred_at >= {placeholder}"
+    bound: Any = end - timedelta(days=1)
+    if conn_type == "sqlite":
+        bound = bound.date().isoformat()
+    return f"SELECT email, subscription_id, occurred_at FROM {table} WHERE {where}", [bound]
+
+
 def _open_cursor(conn: Any, conn_type: str) -> Any:
     if conn_type in ("postgres", "postgresql", "redshift"):
         # psycopg buffers a whole result client-side unless the cursor is named (server-side).
@@ -394,17 +403,19 @@ class _LatestPerKey:
     """Keeps the latest event per status key in an on-disk SQLite scratch file.
 
     A day of consent events can hold millions of keys; a dict would grow with them, the scratch file
-    keeps memory flat. Among events with the same timestamp the one read later wins.
+    keeps memory flat. Among events with the same timestamp the one read later wins. A key that the
+    source changed again after the interval is marked, so its stale event is not staged.
     """
 
     def __init__(self, directory: str) -> None:
         self._db = sqlite3.connect(os.path.join(directory, "latest.sqlite"))
         self._db.executescript(
             "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; "
-            "CREATE TABLE latest "
-            "(key TEXT PRIMARY KEY, at_us INTEGER NOT NULL, seq INTEGER NOT NULL, line TEXT NOT NULL);"
+            "CREATE TABLE latest (key TEXT PRIMARY KEY, at_us INTEGER NOT NULL, seq INTEGER NOT NULL, "
+            "line TEXT NOT NULL, later INTEGER NOT NULL DEFAULT 0);"
         )
         self._pending: list[tuple[str, int, int, str]] = []
+        self._later: list[tuple[str]] = []
         self.added = 0
 
     def add(self, key: str, moment: datetime, line: str) -> None:
@@ -414,19 +425,31 @@ class _LatestPerKey:
         if len(self._pending) >= DEFAULT_FETCH_SIZE:
             self._flush()
 
+    def mark_later(self, key: str) -> None:
+        """The source holds an event for ``key`` after the interval: that one decides, not this run's."""
+        self._later.append((key,))
+        if len(self._later) >= DEFAULT_FETCH_SIZE:
+            self._flush()
+
     def _flush(self) -> None:
         self._db.executemany(
-            "INSERT INTO latest VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+            "INSERT INTO latest (key, at_us, seq, line) VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
             "at_us = excluded.at_us, seq = excluded.seq, line = excluded.line "
             "WHERE excluded.at_us >= latest.at_us",
             self._pending,
         )
         self._pending.clear()
+        self._db.executemany("UPDATE latest SET later = 1 WHERE key = ?", self._later)
+        self._later.clear()
 
     def lines(self) -> Iterator[str]:
         self._flush()
-        for (line,) in self._db.execute("SELECT line FROM latest ORDER BY seq"):
+        for (line,) in self._db.execute("SELECT line FROM latest WHERE later = 0 ORDER BY seq"):
             yield line
+
+    def superseded_later(self) -> int:
+        self._flush()
+        return self._db.execute("SELECT count(*) FROM latest WHERE later = 1").fetchone()[0]
 
     def close(self) -> None:
         self._db.close()
@@ -440,6 +463,7 @@ def extract_consent_events(
     data_interval_end: Any,
     run_uri: str | ObjectStoragePath,
     fetch_size: int = DEFAULT_FETCH_SIZE,
+    later_events_supersede: bool = True,
 ) -> dict[str, Any]:
     """Stage the latest consent event per status key of ``[data_interval_start, data_interval_end)``.
 
@@ -448,6 +472,13 @@ def extract_consent_events(
     subscription id, ``EMAIL``); a tie goes to the row read later. The result is written to
     ``<run_uri>/staged/events.jsonl``; rows whose ``occurred_at`` is not a timestamp go to
     ``<run_uri>/dead-letters/part-extract.jsonl`` (``INVALID_INPUT``), never dropped.
+
+    A key the source changed again at or after ``data_interval_end`` is not staged: its later event
+    decides HubSpot's status and is written by the run of its own interval. This is what makes a
+    backfill or re-run of an old interval safe after newer intervals have run: it cannot put back a
+    status the contact has since changed (a stale opt-in over a newer opt-out). Such keys are counted
+    as ``superseded_later``. The check streams the source's events after the interval (for a backfill
+    of an old interval, every event since).
 
     .. code-block:: python
 
@@ -465,8 +496,11 @@ def extract_consent_events(
     :param data_interval_end: end of the interval (exclusive).
     :param run_uri: the run's folder (see :func:`run_folder`).
     :param fetch_size: rows fetched per round trip.
+    :param later_events_supersede: leave out keys with a later event in the source (default). ``False``
+        stages the interval's latest events whatever happened since.
     :return: counts and paths (XCom-safe): ``rows_read, in_interval, outside_interval, unparseable,
-        superseded, staged, staged_uri, run_uri, dead_letter_uri, data_interval_start, data_interval_end``.
+        superseded, superseded_later, staged, staged_uri, run_uri, dead_letter_uri, data_interval_start,
+        data_interval_end``.
     """
     table = check_identifier(source_table)
     start = _aware_utc(data_interval_start, "data_interval_start")
@@ -480,7 +514,8 @@ def extract_consent_events(
     dead_letters = run / DEAD_LETTER_FOLDER
 
     hook, conn_type = _source_hook(source_conn_id)
-    sql, parameters = _source_query(table, conn_type, getattr(hook, "placeholder", "%s") or "%s", start, end)
+    placeholder = getattr(hook, "placeholder", "%s") or "%s"
+    sql, parameters = _source_query(table, conn_type, placeholder, start, end)
 
     counts = {"rows_read": 0, "in_interval": 0, "outside_interval": 0, "unparseable": 0}
     with tempfile.TemporaryDirectory(prefix="hubspot-consent-") as scratch_dir:
@@ -508,6 +543,18 @@ def extract_consent_events(
                     line = _dumps({"input": record, "occurredAt": _iso_z(moment)})
                     latest.add(_status_key(record), moment, line)
             counts["unparseable"] = unparseable.count
+            if later_events_supersede and latest.added:
+                later_sql, later_parameters = _later_query(table, conn_type, placeholder, end)
+                for email, subscription_id, occurred_at in _iter_source_rows(
+                    hook, conn_type, later_sql, later_parameters, fetch_size
+                ):
+                    moment = parse_occurred_at(occurred_at)
+                    if moment is not None and moment >= end:
+                        latest.mark_later(_status_key({
+                            "subscriberIdString": _json_scalar(email),
+                            "subscriptionId": _subscription_id(subscription_id),
+                        }))
+            superseded_later = latest.superseded_later()
             staged_file.parent.mkdir(parents=True, exist_ok=True)
             staged = 0
             with staged_file.open("w", encoding="utf-8") as handle:
@@ -519,7 +566,8 @@ def extract_consent_events(
 
     result = {
         **counts,
-        "superseded": counts["in_interval"] - staged,
+        "superseded": counts["in_interval"] - staged - superseded_later,
+        "superseded_later": superseded_later,
         "staged": staged,
         "staged_uri": str(staged_file),
         "run_uri": str(run),
@@ -529,9 +577,11 @@ def extract_consent_events(
     }
     log.info(
         "Extracted [%s, %s) from %s: %d rows read, %d in the interval, %d outside, %d with unparseable "
-        "occurred_at, %d superseded by a later event, %d staged",
+        "occurred_at, %d superseded by a later event of the interval, %d keys left to the later event the "
+        "source has for them after the interval, %d staged",
         start.isoformat(), end.isoformat(), table, result["rows_read"], result["in_interval"],
-        result["outside_interval"], result["unparseable"], result["superseded"], result["staged"],
+        result["outside_interval"], result["unparseable"], result["superseded"], result["superseded_later"],
+        result["staged"],
     )
     return result
 
@@ -660,6 +710,7 @@ def run_totals(
         "events_in_interval": extracted.get("in_interval", 0),
         "outside_interval": extracted.get("outside_interval", 0),
         "superseded": int(extracted.get("superseded", 0)) + int(submitted.get("superseded", 0)),
+        "superseded_later": extracted.get("superseded_later", 0),
         "unparseable": extracted.get("unparseable", 0),
         "staged": extracted.get("staged", 0),
         "invalid": validated.get("invalid", 0),
@@ -694,7 +745,8 @@ def _describe(totals: Mapping[str, Any]) -> str:
     return (
         f"{totals['events_in_interval']} events in "
         f"[{totals['data_interval_start']}, {totals['data_interval_end']}) "
-        f"-> {totals['inputs']} statuses ({totals['superseded']} superseded): {totals['succeeded']} written "
+        f"-> {totals['inputs']} statuses ({totals['superseded']} superseded, {totals['superseded_later']} left "
+        f"to later events): {totals['succeeded']} written "
         f"({totals['changed']} changed, {totals['unchanged']} unchanged), {totals['failed']} failed "
         f"{totals['failed_by_category'] or ''}"
     ).rstrip(" {}")

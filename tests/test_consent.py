@@ -172,7 +172,7 @@ def test_extract_keeps_the_latest_event_per_key_and_the_later_row_on_ties(source
         event("tie@example.com", "2026-03-10T10:00:00+01:00", "UNSUBSCRIBED"),  # same instant, later row
         event("ada@example.com", "2026-03-11 08:00:00", "SUBSCRIBED"),  # next day: not this interval's
     ])
-    counts = extract(run)
+    counts = extract(run, later_events_supersede=False)
     latest = {}
     for line in staged(run):
         latest[(line["input"]["subscriberIdString"].strip().lower(), line["input"]["subscriptionId"])] = line
@@ -183,6 +183,48 @@ def test_extract_keeps_the_latest_event_per_key_and_the_later_row_on_ties(source
     }
     assert latest[("tie@example.com", 1001)]["input"]["statusState"] == "UNSUBSCRIBED"
     assert (counts["in_interval"], counts["superseded"], counts["staged"]) == (6, 3, 3)
+
+
+def test_keys_the_source_changed_after_the_interval_are_left_to_their_later_event(source, run):
+    rows = [
+        event("ada@example.com", "2026-03-10 10:00:00", "SUBSCRIBED"),
+        event("ada@example.com", "2026-03-12T01:00:00+02:00", "UNSUBSCRIBED"),   # later: ada is not synced
+        event("bob@example.com", "2026-03-10 10:00:00", "SUBSCRIBED"),
+        event("bob@example.com", "2026-03-12 10:00:00", "UNSUBSCRIBED", subscription_id=1002),  # other key
+        event("cy@example.com", "2026-03-10 22:00:00", "SUBSCRIBED"),
+        event("cy@example.com", "2026-03-11T00:30:00+01:00", "UNSUBSCRIBED"),    # 23:30Z on the 10th: in
+        event("dee@example.com", "2026-03-10 10:00:00", "SUBSCRIBED"),
+        event("dee@example.com", "2026-03-11 00:00:00", "UNSUBSCRIBED"),         # the end itself is later
+        event("eve@example.com", "2026-03-10 10:00:00", "SUBSCRIBED"),
+        event("eve@example.com", "soon", "UNSUBSCRIBED"),                        # no time: cannot be later
+        event("frank@example.com", "2026-03-10 10:00:00", "SUBSCRIBED"),
+        event(" FRANK@Example.com", "2026-03-11 09:00:00", "UNSUBSCRIBED"),      # same key, other case
+        event("gus@example.com", "2026-03-10 10:00:00", "UNSUBSCRIBED"),
+        event("gus@example.com", "2026-09-01 10:00:00", "SUBSCRIBED"),           # months later still counts
+        event("hal@example.com", "2026-03-09 10:00:00", "UNSUBSCRIBED"),         # earlier day: irrelevant
+        event("hal@example.com", "2026-03-10 10:00:00", "SUBSCRIBED"),
+    ]
+    source(rows)
+    counts = extract(run)
+    assert {e["input"]["subscriberIdString"]: e["input"]["statusState"] for e in staged(run)} == {
+        "bob@example.com": "SUBSCRIBED", "cy@example.com": "UNSUBSCRIBED", "eve@example.com": "SUBSCRIBED",
+        "hal@example.com": "SUBSCRIBED",
+    }
+    assert (counts["in_interval"], counts["superseded"], counts["superseded_later"], counts["staged"]) == (
+        9, 1, 4, 4
+    )
+    assert counts["unparseable"] == 1  # eve's "soon" is a dead letter of this run, as before
+
+    everything = extract(run, later_events_supersede=False)
+    assert (everything["superseded_later"], everything["staged"]) == (0, 8)
+
+
+def test_the_later_event_check_is_a_second_streamed_query():
+    sql, parameters = consent._later_query("crm.consent_events", "postgres", "%s", END)
+    assert sql == "SELECT email, subscription_id, occurred_at FROM crm.consent_events WHERE occurred_at >= %s"
+    assert parameters == [END - timedelta(days=1)]
+    sql, parameters = consent._later_query("consent_events", "sqlite", "?", END)
+    assert sql.endswith("WHERE occurred_at >= ?") and parameters == ["2026-03-10"]
 
 
 def test_unparseable_timestamps_become_dead_letters_never_dropped(source, run):
@@ -251,7 +293,8 @@ def test_extract_streams_the_source_in_chunks(source, run, monkeypatch):
     monkeypatch.setattr(consent, "_source_hook", lambda conn_id: (Hook(), "sqlite"))
     counts = extract(run, fetch_size=40)
     assert counts["staged"] == 250
-    assert fetches == [40] * 6 + [10, 0]
+    # The interval, then the events after it (the SQLite window starts a day early), both streamed.
+    assert fetches == ([40] * 6 + [10, 0]) * 2
 
 
 def test_typed_timestamp_sources_are_filtered_in_sql_with_a_day_of_slack():

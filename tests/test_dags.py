@@ -82,6 +82,7 @@ def test_consent_sync_shape(sync_dag):
         "storage_uri": None,
         "batch_size": 100,
         "max_failed_ratio": 0.25,
+        "later_events_win": True,
     }
     from airflow.sdk.exceptions import ParamValidationError
 
@@ -163,8 +164,9 @@ def day_events(n_keys: int, *, prefix: str = "user", per_key: int = 3) -> list[t
             text = (moment.strftime("%Y-%m-%d %H:%M:%S") if j % 2 == 0
                     else moment.astimezone(timezone(timedelta(hours=2))).isoformat())
             rows.append((email.upper() if j == 1 else email, subscription_id, state, None, None, text))
-        # Events of the neighbouring days must not be synced by this run.
-        rows.append((email, subscription_id, "UNSUBSCRIBED" if i % 2 else "SUBSCRIBED", None, None,
+        # Events of the neighbouring days must not be synced by this run. (The next day's is for another
+        # key: a later event for the same key would leave this key to that event's run.)
+        rows.append((f"next.{email}", subscription_id, "UNSUBSCRIBED" if i % 2 else "SUBSCRIBED", None, None,
                      (DAY + timedelta(days=1, hours=3)).strftime("%Y-%m-%d %H:%M:%S")))
         rows.append((email, subscription_id, "NOT_SPECIFIED", None, None, "2026-03-09T23:00:00-00:30"))
     return rows
@@ -419,3 +421,60 @@ def test_daily_limit_defers_the_write_and_the_run_resumes_after_the_reset(
     assert (summary["inputs"], summary["succeeded"], summary["failed"]) == (100, 100, 0)
     submitted = next(v for v in xcom_values(dr) if isinstance(v, dict) and "deferrals" in v)
     assert submitted["deferrals"] >= 1
+
+
+def latest_of_all_days(rows: list[tuple]) -> dict[tuple[str, int, str], str]:
+    """The statuses HubSpot should end with once every day has run: the latest event per key, overall."""
+    latest: dict[tuple[str, int, str], tuple[datetime, str]] = {}
+    for email, subscription_id, status, _lb, _lbe, occurred_at in rows:
+        moment = consent.parse_occurred_at(occurred_at)
+        key = (email.strip().lower(), subscription_id, "EMAIL")
+        if key not in latest or moment >= latest[key][0]:
+            latest[key] = (moment, status)
+    return {key: status for key, (_moment, status) in latest.items()}
+
+
+def test_backfilling_old_days_after_an_outage_never_puts_back_a_stale_status(
+    airflow_db, sync_dag, hubspot_emulator_factory, hubspot_conn, consent_source, storage
+):
+    # Three days of events for the same contacts. The runs of the first two days failed (an outage);
+    # the third day ran as soon as HubSpot was back. The backfill of the two missed days runs after it.
+    days = [DAY - timedelta(days=2), DAY - timedelta(days=1), DAY]
+    rows = []
+    for n, day in enumerate(days):
+        for i in range(30):
+            if n > i % 3:
+                continue  # a third of the contacts last changed on each day
+            state = ("SUBSCRIBED", "UNSUBSCRIBED")[(i + n) % 2]
+            rows.append((f"user{i}@example.com", 1001 + i % 2, state, None, None,
+                         (day + timedelta(hours=i % 20)).strftime("%Y-%m-%d %H:%M:%S")))
+    consent_source(rows)
+    emulator = hubspot_emulator_factory()
+    hubspot_conn(emulator)
+    conf = {"storage_uri": storage.as_uri()}
+    run_for_day = lambda day, **extra: run_dag(  # noqa: E731
+        sync_dag, {**conf, **extra}, logical_date=day + timedelta(days=1)
+    )
+
+    _dr, states = run_for_day(DAY)
+    assert states == CLEAN
+    after_newest_day = hubspot_state(emulator)
+
+    summaries = []
+    for day in days[:2]:  # the backfill, oldest first
+        dr, states = run_for_day(day)
+        assert states == CLEAN
+        summaries.append(json.loads((run_files(storage, dr) / "summary.json").read_text()))
+
+    assert hubspot_state(emulator) == latest_of_all_days(rows)
+    # Nothing the newest day wrote was overwritten by an older day's event.
+    assert {k: v for k, v in hubspot_state(emulator).items() if k in after_newest_day} == after_newest_day
+    # Keys the later days changed again were left to those days; the rest of each old day landed.
+    assert [(s["superseded_later"], s["succeeded"], s["changed"], s["failed"]) for s in summaries] == [
+        (20, 10, 10, 0), (10, 10, 10, 0),
+    ]
+
+    # The control: syncing the oldest day's latest events regardless of what came later would put
+    # stale statuses back, which is what the default prevents.
+    run_for_day(days[0], later_events_win=False)
+    assert hubspot_state(emulator) != latest_of_all_days(rows)
