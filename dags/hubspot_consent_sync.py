@@ -9,8 +9,9 @@
 * **validate** checks each staged event; invalid ones become dead letters (``INVALID_INPUT``).
 * **submit** writes the valid ones with ``HubSpotWriteStatusesOperator`` through the ``hubspot_api``
   pool, which caps concurrent writers across runs and workers. The provider's plugin creates the
-  pool (2 slots) when the scheduler starts if nobody has; resize it with ``airflow pools set``. It defers while a long rate-limit wait passes (a triggerer
-  must be running) and resumes from its checkpoint after a failed try.
+  pool (2 slots) when the scheduler starts if nobody has; resize it with ``airflow pools set``. It
+  defers while a long rate-limit wait passes (a triggerer must be running) and resumes from its
+  checkpoint after a failed try.
 * **branch_on_outcome**: no failures at all → **report**; some → **summarise_dead_letters**, which
   counts the dead letters by category, alerts (task log, and ``dead_letter_alert`` below), and fails
   the run when more than ``max_failed_ratio`` of the events failed.

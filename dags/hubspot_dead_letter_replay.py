@@ -8,7 +8,9 @@ Trigger with the dead-letter folder (or one part file) of a ``hubspot_consent_sy
     airflow dags trigger hubspot_dead_letter_replay --conf "{\\"dead_letter_uri\\": \\"$RUN/dead-letters\\"}"
 
 **prepare** selects the retryable dead letters (rate limits, outages, answers HubSpot never gave), or
-all of them with ``include_non_retryable``, into ``<dead_letter_uri>/../replay-<run id>/input/``;
+all of them with ``include_non_retryable``, into ``<dead_letter_uri>/../replay-<run id>/input/``. It
+leaves out dead letters whose contact the consent source (``source_conn_id``) has changed since:
+a replay never puts back a status the contact has changed after it was dead-lettered;
 **submit** writes them through the ``hubspot_api`` pool; what still fails lands in
 ``replay-<run id>/dead-letters/``, and **report** counts it, alerts, and fails the run above
 ``max_failed_ratio``. The original dead letters are left untouched, so a replay can be repeated.
@@ -51,6 +53,18 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
             description="Also re-submit dead letters that failed for good (invalid input, unknown "
             "subscription), e.g. after fixing the cause in HubSpot.",
         ),
+        "source_conn_id": Param(
+            "hubspot_consent_source",
+            type=["null", "string"],
+            description="SQL connection of the consent source, read for events after each dead letter: "
+            "a dead letter the source has overtaken is not replayed. Null replays without the check.",
+        ),
+        "source_table": Param(
+            "consent_events",
+            type="string",
+            pattern=consent.IDENTIFIER_PATTERN,
+            description="The consent source's table or view.",
+        ),
         "hubspot_conn_id": Param(
             "hubspot_default", type="string", minLength=1, description="HubSpot connection."
         ),
@@ -73,7 +87,11 @@ def hubspot_dead_letter_replay() -> None:
     def prepare(params: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
         """Select the dead letters to re-submit into this replay's own input folder."""
         return consent.prepare_replay(
-            params["dead_letter_uri"], run_id=run_id, include_non_retryable=params["include_non_retryable"]
+            params["dead_letter_uri"],
+            run_id=run_id,
+            include_non_retryable=params["include_non_retryable"],
+            source_conn_id=params["source_conn_id"],
+            source_table=params["source_table"],
         )
 
     @task

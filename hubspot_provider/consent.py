@@ -180,6 +180,13 @@ def parse_occurred_at(value: Any) -> datetime | None:
     return moment.astimezone(timezone.utc)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _epoch_us(moment: datetime) -> int:
+    return int((moment - _EPOCH) / timedelta(microseconds=1))
+
+
 def _iso_z(moment: datetime) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
@@ -314,9 +321,9 @@ def _staged_input(
 
 
 def _status_key(record: Mapping[str, Any]) -> str:
-    email = record["subscriberIdString"]
+    email = record.get("subscriberIdString")
     email = email.strip().lower() if isinstance(email, str) else repr(email)
-    return f"{email}\x1f{record['subscriptionId']!r}\x1fEMAIL"
+    return f"{email}\x1f{record.get('subscriptionId')!r}\x1fEMAIL"
 
 
 def _source_query(
@@ -344,10 +351,10 @@ def _source_query(
     ]
 
 
-def _later_query(table: str, conn_type: str, placeholder: str, end: datetime) -> tuple[str, list[Any]]:
-    """Events from a day before ``end`` onwards (the exact ``>= end`` test is made in Python, as above)."""
+def _later_query(table: str, conn_type: str, placeholder: str, since: datetime) -> tuple[str, list[Any]]:
+    """Events from a day before ``since`` onwards (the exact test is made in Python, as above)."""
     where = f"occurred_at >= {placeholder}"
-    bound: Any = end - timedelta(days=1)
+    bound: Any = since - timedelta(days=1)
     if conn_type == "sqlite":
         bound = bound.date().isoformat()
     return f"SELECT email, subscription_id, occurred_at FROM {table} WHERE {where}", [bound]
@@ -403,8 +410,8 @@ class _LatestPerKey:
     """Keeps the latest event per status key in an on-disk SQLite scratch file.
 
     A day of consent events can hold millions of keys; a dict would grow with them, the scratch file
-    keeps memory flat. Among events with the same timestamp the one read later wins. A key that the
-    source changed again after the interval is marked, so its stale event is not staged.
+    keeps memory flat. Among events with the same timestamp the one read later wins. A key whose
+    event the source has overtaken since is marked, so the stale event is not passed on.
     """
 
     def __init__(self, directory: str) -> None:
@@ -415,19 +422,18 @@ class _LatestPerKey:
             "line TEXT NOT NULL, later INTEGER NOT NULL DEFAULT 0);"
         )
         self._pending: list[tuple[str, int, int, str]] = []
-        self._later: list[tuple[str]] = []
+        self._later: list[tuple[str, int]] = []
         self.added = 0
 
     def add(self, key: str, moment: datetime, line: str) -> None:
-        at_us = int((moment - datetime(1970, 1, 1, tzinfo=timezone.utc)) / timedelta(microseconds=1))
-        self._pending.append((key, at_us, self.added, line))
+        self._pending.append((key, _epoch_us(moment), self.added, line))
         self.added += 1
         if len(self._pending) >= DEFAULT_FETCH_SIZE:
             self._flush()
 
-    def mark_later(self, key: str) -> None:
-        """The source holds an event for ``key`` after the interval: that one decides, not this run's."""
-        self._later.append((key,))
+    def mark_later(self, key: str, moment: datetime) -> None:
+        """The source has an event for ``key`` at ``moment``: if that is later, it decides, not ours."""
+        self._later.append((key, _epoch_us(moment)))
         if len(self._later) >= DEFAULT_FETCH_SIZE:
             self._flush()
 
@@ -439,13 +445,32 @@ class _LatestPerKey:
             self._pending,
         )
         self._pending.clear()
-        self._db.executemany("UPDATE latest SET later = 1 WHERE key = ?", self._later)
+        self._db.executemany("UPDATE latest SET later = 1 WHERE key = ? AND at_us < ?", self._later)
         self._later.clear()
 
     def lines(self) -> Iterator[str]:
         self._flush()
         for (line,) in self._db.execute("SELECT line FROM latest WHERE later = 0 ORDER BY seq"):
             yield line
+
+    def earliest(self) -> datetime | None:
+        self._flush()
+        (at_us,) = self._db.execute("SELECT min(at_us) FROM latest").fetchone()
+        return None if at_us is None else _EPOCH + timedelta(microseconds=at_us)
+
+    def mark_changed_since(
+        self, hook: Any, conn_type: str, table: str, placeholder: str, since: datetime, fetch_size: int
+    ) -> None:
+        """Stream the source's events from ``since`` on and mark every key they overtake."""
+        sql, parameters = _later_query(table, conn_type, placeholder, since)
+        rows = _iter_source_rows(hook, conn_type, sql, parameters, fetch_size)
+        for email, subscription_id, occurred_at in rows:
+            moment = parse_occurred_at(occurred_at)
+            if moment is not None and moment >= since:
+                self.mark_later(_status_key({
+                    "subscriberIdString": _json_scalar(email),
+                    "subscriptionId": _subscription_id(subscription_id),
+                }), moment)
 
     def superseded_later(self) -> int:
         self._flush()
@@ -544,16 +569,7 @@ def extract_consent_events(
                     latest.add(_status_key(record), moment, line)
             counts["unparseable"] = unparseable.count
             if later_events_supersede and latest.added:
-                later_sql, later_parameters = _later_query(table, conn_type, placeholder, end)
-                for email, subscription_id, occurred_at in _iter_source_rows(
-                    hook, conn_type, later_sql, later_parameters, fetch_size
-                ):
-                    moment = parse_occurred_at(occurred_at)
-                    if moment is not None and moment >= end:
-                        latest.mark_later(_status_key({
-                            "subscriberIdString": _json_scalar(email),
-                            "subscriptionId": _subscription_id(subscription_id),
-                        }))
+                latest.mark_changed_since(hook, conn_type, table, placeholder, end, fetch_size)
             superseded_later = latest.superseded_later()
             staged_file.parent.mkdir(parents=True, exist_ok=True)
             staged = 0
@@ -745,8 +761,8 @@ def _describe(totals: Mapping[str, Any]) -> str:
     return (
         f"{totals['events_in_interval']} events in "
         f"[{totals['data_interval_start']}, {totals['data_interval_end']}) "
-        f"-> {totals['inputs']} statuses ({totals['superseded']} superseded, {totals['superseded_later']} left "
-        f"to later events): {totals['succeeded']} written "
+        f"-> {totals['inputs']} statuses ({totals['superseded']} superseded, "
+        f"{totals['superseded_later']} left to later events): {totals['succeeded']} written "
         f"({totals['changed']} changed, {totals['unchanged']} unchanged), {totals['failed']} failed "
         f"{totals['failed_by_category'] or ''}"
     ).rstrip(" {}")
@@ -874,7 +890,13 @@ def replay_folder(dead_letter_uri: str, run_id: str) -> ObjectStoragePath:
 
 
 def prepare_replay(
-    dead_letter_uri: str, *, run_id: str, include_non_retryable: bool = False
+    dead_letter_uri: str,
+    *,
+    run_id: str,
+    include_non_retryable: bool = False,
+    source_conn_id: str | None = None,
+    source_table: str = "consent_events",
+    fetch_size: int = DEFAULT_FETCH_SIZE,
 ) -> dict[str, Any]:
     """Select the dead letters to re-submit into ``<dead_letter_uri>/../replay-<run id>/input/``.
 
@@ -882,8 +904,19 @@ def prepare_replay(
     ones (or all, with ``include_non_retryable``) as staged lines ``{"input", "occurredAt"}``.
     Whatever still fails is meant to go to ``replay-<run id>/dead-letters/``.
 
-    :return: ``input_uri, dead_letter_uri, replay_uri, selected, skipped, skipped_by_category``.
+    A dead letter can be days old when it is replayed, and the contact may have changed their
+    consent since. With ``source_conn_id``, the consent source is read from the oldest dead letter's
+    ``occurredAt`` on, and a dead letter whose key has a later event there is not replayed
+    (``superseded_later``): that event decides, through its own interval's run. Among several dead
+    letters for one key only the latest is replayed (``superseded``). Dead letters without an
+    ``occurredAt`` cannot be compared and are replayed as they are.
+
+    :param source_conn_id: SQL connection of the consent source, or ``None`` to skip the check.
+    :param source_table: its table (a plain identifier).
+    :return: ``input_uri, dead_letter_uri, replay_uri, files, selected, skipped, skipped_by_category,
+        superseded, superseded_later``.
     :raises FileNotFoundError: when ``dead_letter_uri`` is neither a file nor a folder.
+    :raises ValueError: when ``source_conn_id`` names no usable SQL connection.
     """
     source = ObjectStoragePath(str(dead_letter_uri))
     if source.is_dir():
@@ -895,23 +928,53 @@ def prepare_replay(
             f"dead_letter_uri {dead_letter_uri} is neither a file nor a folder; pass the dead-letters/ "
             "folder of a hubspot_consent_sync run (see its summary.json) or one of its part files"
         )
+    source = None
+    if source_conn_id:
+        table = check_identifier(source_table)
+        try:
+            hook, conn_type = _source_hook(source_conn_id)
+        except Exception as error:
+            raise ValueError(
+                f"source_conn_id {source_conn_id!r} cannot be used to check for later consent events "
+                f"({error}); set it to the consent source's SQL connection, or to null to replay without "
+                "the check"
+            ) from error
+        source = (hook, conn_type, table, getattr(hook, "placeholder", "%s") or "%s")
     replay = replay_folder(dead_letter_uri, run_id)
     input_folder = replay / REPLAY_INPUT_FOLDER
     _clear_folder(input_folder)
-    selected = 0
+    selected = candidates = superseded_later = 0
     skipped: dict[str, int] = {}
-    with (input_folder / REPLAY_INPUT_FILE).open("w", encoding="utf-8") as out:
-        for letter in _read_dead_letters(files):
-            if letter is None or not isinstance(letter.get("input"), dict):
-                skipped["NOT_A_DEAD_LETTER"] = skipped.get("NOT_A_DEAD_LETTER", 0) + 1
-                continue
-            if not include_non_retryable and letter.get("retryable") is not True:
-                category = str(letter.get("category") or "UNKNOWN")
-                skipped[category] = skipped.get(category, 0) + 1
-                continue
-            staged = {"input": letter["input"], "occurredAt": letter.get("occurredAt")}
-            out.write(_dumps(staged) + "\n")
-            selected += 1
+    with tempfile.TemporaryDirectory(prefix="hubspot-replay-") as scratch_dir:
+        latest = _LatestPerKey(scratch_dir)
+        try:
+            with (input_folder / REPLAY_INPUT_FILE).open("w", encoding="utf-8") as out:
+                for letter in _read_dead_letters(files):
+                    if letter is None or not isinstance(letter.get("input"), dict):
+                        skipped["NOT_A_DEAD_LETTER"] = skipped.get("NOT_A_DEAD_LETTER", 0) + 1
+                        continue
+                    if not include_non_retryable and letter.get("retryable") is not True:
+                        category = str(letter.get("category") or "UNKNOWN")
+                        skipped[category] = skipped.get(category, 0) + 1
+                        continue
+                    candidates += 1
+                    line = _dumps({"input": letter["input"], "occurredAt": letter.get("occurredAt")})
+                    moment = parse_occurred_at(letter.get("occurredAt"))
+                    if source is None or moment is None:
+                        out.write(line + "\n")
+                        selected += 1
+                    else:
+                        latest.add(_status_key(letter["input"]), moment, line)
+                since = latest.earliest()
+                if source is not None and since is not None:
+                    hook, conn_type, table, placeholder = source
+                    latest.mark_changed_since(hook, conn_type, table, placeholder, since, fetch_size)
+                    superseded_later = latest.superseded_later()
+                for line in latest.lines():
+                    out.write(line + "\n")
+                    selected += 1
+        finally:
+            latest.close()
     result = {
         "input_uri": str(input_folder),
         "dead_letter_uri": str(replay / DEAD_LETTER_FOLDER),
@@ -920,9 +983,15 @@ def prepare_replay(
         "selected": selected,
         "skipped": sum(skipped.values()),
         "skipped_by_category": dict(sorted(skipped.items())),
+        "superseded": candidates - selected - superseded_later,
+        "superseded_later": superseded_later,
     }
-    log.info("Replay: %d dead letters selected from %d file(s), %d skipped %s", selected, len(files),
-             result["skipped"], result["skipped_by_category"] or "")
+    log.info(
+        "Replay: %d dead letters selected from %d file(s); %d skipped %s; %d superseded by a later dead "
+        "letter for the same key, %d by a later event in the source",
+        selected, len(files), result["skipped"], result["skipped_by_category"] or "", result["superseded"],
+        superseded_later,
+    )
     return result
 
 
@@ -981,6 +1050,8 @@ def report_replay(
         "selected": prepared["selected"],
         "skipped": prepared["skipped"],
         "skipped_by_category": prepared.get("skipped_by_category", {}),
+        "superseded": prepared.get("superseded", 0),
+        "superseded_later": prepared.get("superseded_later", 0),
         "inputs": prepared["selected"],
         "submitted": submitted.get("submitted", 0),
         "succeeded": submitted.get("succeeded", 0),

@@ -505,3 +505,47 @@ def test_prepare_replay_selects_retryable_dead_letters(tmp_path):
     assert consent.count_dead_letters(folder.as_uri())["total"] == 4
     with pytest.raises(FileNotFoundError, match="neither a file nor a folder"):
         consent.prepare_replay((tmp_path / "missing").as_uri(), run_id="r")
+
+
+def test_replay_leaves_out_dead_letters_the_source_has_overtaken(tmp_path, source):
+    def letter(email: str, status: str, occurred_at: str | None, subscription_id: int = 1001) -> str:
+        return json.dumps({
+            "input": {"subscriberIdString": email, "subscriptionId": subscription_id, "statusState": status,
+                      "channel": "EMAIL"},
+            "category": "NO_RESULT", "message": "no answer", "retryable": True, "occurredAt": occurred_at,
+        })
+
+    folder = tmp_path / "run" / "dead-letters"
+    folder.mkdir(parents=True)
+    (folder / "part-a.jsonl").write_text("\n".join([
+        letter("ada@example.com", "SUBSCRIBED", "2026-03-10T10:00:00Z"),    # opted out later: not replayed
+        letter("bob@example.com", "SUBSCRIBED", "2026-03-10T10:00:00Z"),    # nothing since: replayed
+        letter("cy@example.com", "SUBSCRIBED", "2026-03-10T10:00:00Z"),     # its own event only: replayed
+        letter("dee@example.com", "UNSUBSCRIBED", None),                    # cannot be compared: replayed
+        letter("eve@example.com", "SUBSCRIBED", "2026-03-08T10:00:00Z"),    # an older letter for eve ...
+    ]) + "\n")
+    (folder / "part-b.jsonl").write_text(
+        letter("EVE@example.com", "UNSUBSCRIBED", "2026-03-09T10:00:00Z") + "\n"  # ... and the later one
+    )
+    source([
+        event("ada@example.com", "2026-03-10 10:00:00", "SUBSCRIBED"),
+        event("ada@example.com", "2026-03-12T09:00:00+01:00", "UNSUBSCRIBED"),
+        event("bob@example.com", "2026-03-10 10:00:00", "SUBSCRIBED"),
+        event("bob@example.com", "2026-03-12 09:00:00", "UNSUBSCRIBED", subscription_id=1002),
+        event("cy@example.com", "2026-03-10T11:00:00+01:00", "SUBSCRIBED"),  # the same instant as the letter
+        event("eve@example.com", "2026-03-09 10:00:00", "UNSUBSCRIBED"),
+    ])
+
+    prepared = consent.prepare_replay(folder.as_uri(), run_id="r1", source_conn_id="hubspot_consent_source")
+    lines = read_jsonl(Path(prepared["input_uri"].removeprefix("file://")) / "dead-letters.jsonl")
+    assert {line["input"]["subscriberIdString"]: line["input"]["statusState"] for line in lines} == {
+        "bob@example.com": "SUBSCRIBED", "cy@example.com": "SUBSCRIBED", "dee@example.com": "UNSUBSCRIBED",
+        "EVE@example.com": "UNSUBSCRIBED",
+    }
+    assert (prepared["selected"], prepared["superseded"], prepared["superseded_later"]) == (4, 1, 1)
+
+    unchecked = consent.prepare_replay(folder.as_uri(), run_id="r2")
+    assert (unchecked["selected"], unchecked["superseded"], unchecked["superseded_later"]) == (6, 0, 0)
+
+    with pytest.raises(ValueError, match="source_conn_id 'nowhere' cannot be used.*or to null"):
+        consent.prepare_replay(folder.as_uri(), run_id="r3", source_conn_id="nowhere")

@@ -115,6 +115,8 @@ def test_replay_dag_shape(replay_dag):
     submit = dag.get_task("submit")
     assert submit.pool == consent.HUBSPOT_POOL and submit.only_retryable is True
     assert dag.params["include_non_retryable"] is False
+    assert dag.params["source_conn_id"] == "hubspot_consent_source"
+    assert dag.params["source_table"] == "consent_events"
     from airflow.sdk.exceptions import ParamValidationError
 
     with pytest.raises(ParamValidationError):  # the dead-letter URI must be given
@@ -326,26 +328,34 @@ def test_bad_rows_take_the_summarise_branch_and_a_rerun_is_a_harmless_replay(
     again = json.loads((folder / "summary.json").read_text())
     assert (again["changed"], again["unchanged"], again["dead_letters"]) == (0, 40, 5)
 
-    # Replay: one retryable dead letter (an answer HubSpot never gave) next to the permanent failures.
-    (folder / "dead-letters" / "part-lost.jsonl").write_text(json.dumps({
-        "input": {"subscriberIdString": "late@example.com", "subscriptionId": 1002,
-                  "statusState": "SUBSCRIBED", "channel": "EMAIL"},
+    # Replay: one retryable dead letter (an answer HubSpot never gave) next to the permanent failures,
+    # and a stale one from the day before, for a contact whose later events the source holds.
+    current = emulator.status_of("user0@example.com", 1001)["status"]
+    stale = "UNSUBSCRIBED" if current == "SUBSCRIBED" else "SUBSCRIBED"
+    (folder / "dead-letters" / "part-lost.jsonl").write_text("".join(json.dumps({
+        "input": {"subscriberIdString": email, "subscriptionId": subscription_id,
+                  "statusState": status, "channel": "EMAIL"},
         "category": "NO_RESULT",
         "message": "no answer",
         "retryable": True,
-        "occurredAt": "2026-03-10T10:00:00Z",
-    }) + "\n")
+        "occurredAt": occurred_at,
+    }) + "\n" for email, subscription_id, status, occurred_at in [
+        ("late@example.com", 1002, "SUBSCRIBED", "2026-03-10T10:00:00Z"),
+        ("user0@example.com", 1001, stale, "2026-03-09T10:00:00Z"),
+    ]))
     rdr, rstates = run_dag(
         replay_dag, {"dead_letter_uri": (folder / "dead-letters").as_uri()}, logical_date=None
     )
     assert rstates == dict.fromkeys(["prepare", "submit", "report"], "success")
     assert emulator.status_of("late@example.com", 1002)["status"] == "SUBSCRIBED"
     assert emulator.status_of("unknown-sub@example.com", 4242) is None
+    assert emulator.status_of("user0@example.com", 1001)["status"] == current  # the stale letter was left out
     replay = folder / f"replay-{consent.safe_run_id(rdr.run_id)}"
     replay_summary = json.loads((replay / "summary.json").read_text())
     assert (replay_summary["selected"], replay_summary["skipped"], replay_summary["succeeded"]) == (1, 5, 1)
+    assert replay_summary["superseded_later"] == 1
     assert letters(replay / "dead-letters") == []
-    assert len(letters(folder / "dead-letters")) == 6  # the originals are left as they were
+    assert len(letters(folder / "dead-letters")) == 7  # the originals are left as they were
 
 
 def test_flaky_hubspot_loses_nothing(
