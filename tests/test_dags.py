@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from consent_days import changes_over_days, latest_of_all_days
 from hubspot_provider import consent
 
 REPO = Path(__file__).resolve().parents[1]
@@ -433,16 +434,6 @@ def test_daily_limit_defers_the_write_and_the_run_resumes_after_the_reset(
     assert submitted["deferrals"] >= 1
 
 
-def latest_of_all_days(rows: list[tuple]) -> dict[tuple[str, int, str], str]:
-    """The statuses HubSpot should end with once every day has run: the latest event per key, overall."""
-    latest: dict[tuple[str, int, str], tuple[datetime, str]] = {}
-    for email, subscription_id, status, _lb, _lbe, occurred_at in rows:
-        moment = consent.parse_occurred_at(occurred_at)
-        key = (email.strip().lower(), subscription_id, "EMAIL")
-        if key not in latest or moment >= latest[key][0]:
-            latest[key] = (moment, status)
-    return {key: status for key, (_moment, status) in latest.items()}
-
 
 def test_backfilling_old_days_after_an_outage_never_puts_back_a_stale_status(
     airflow_db, sync_dag, hubspot_emulator_factory, hubspot_conn, consent_source, storage
@@ -450,14 +441,7 @@ def test_backfilling_old_days_after_an_outage_never_puts_back_a_stale_status(
     # Three days of events for the same contacts. The runs of the first two days failed (an outage);
     # the third day ran as soon as HubSpot was back. The backfill of the two missed days runs after it.
     days = [DAY - timedelta(days=2), DAY - timedelta(days=1), DAY]
-    rows = []
-    for n, day in enumerate(days):
-        for i in range(30):
-            if n > i % 3:
-                continue  # a third of the contacts last changed on each day
-            state = ("SUBSCRIBED", "UNSUBSCRIBED")[(i + n) % 2]
-            rows.append((f"user{i}@example.com", 1001 + i % 2, state, None, None,
-                         (day + timedelta(hours=i % 20)).strftime("%Y-%m-%d %H:%M:%S")))
+    rows = changes_over_days(days)  # a third of the contacts last changed on each day
     consent_source(rows)
     emulator = hubspot_emulator_factory()
     hubspot_conn(emulator)

@@ -1,0 +1,195 @@
+"""The README's outage backfill, run by a real Airflow: API server, scheduler (LocalExecutor) and DAG processor.
+
+``dag.test()`` runs one DAG run in-process; this test checks what only the real services do: backfill
+runs created by ``airflow backfill create``, scheduled concurrently, each syncing the day of its
+logical date; failed runs re-run with ``--reprocess-behavior failed``; the ``hubspot_api`` pool made by
+the scheduler's start. It costs about two minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from consent_days import changes_over_days, latest_of_all_days
+from hubspot_provider import consent
+
+REPO = Path(__file__).resolve().parents[1]
+DAYS = [datetime(2026, 3, d, tzinfo=timezone.utc) for d in (8, 9, 10)]
+WAIT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Airflow:
+    """One Airflow home with its services started as subprocesses; the CLI and the metadata DB."""
+
+    def __init__(self, home: Path, env: dict[str, str]) -> None:
+        self.home = home
+        self.env = env
+        self.db = home / "airflow.db"
+        self.services: list[subprocess.Popen] = []
+
+    def cli(self, *args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "airflow", *args], env=self.env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, f"airflow {' '.join(args)}:\n{done.stderr[-3000:]}"
+        return done.stdout
+
+    def start(self, name: str, *args: str) -> None:
+        log = (self.home / f"{name}.log").open("w")
+        # A session of its own, so that stopping it also stops the workers it forked.
+        self.services.append(subprocess.Popen(
+            [sys.executable, "-m", "airflow", name, *args], env=self.env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        ))
+
+    def stop(self) -> None:
+        for process in self.services:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for process in self.services:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def query(self, sql: str, *parameters: object) -> list[tuple]:
+        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30) as conn:
+            return conn.execute(sql, parameters).fetchall()
+
+    def wait_for(self, what: str, check, timeout_s: float = WAIT_S):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for process in self.services:
+                assert process.poll() is None, f"an Airflow service exited; see the logs in {self.home}"
+            try:
+                value = check()
+            except sqlite3.OperationalError:  # the DB is busy, or a table is not there yet
+                value = None
+            if value:
+                return value
+            time.sleep(2)
+        raise AssertionError(f"timed out waiting for {what}; see the logs in {self.home}")
+
+    def backfill_runs(self) -> dict[str, str]:
+        rows = self.query("SELECT logical_date, state FROM dag_run WHERE dag_id = ? AND run_type = 'backfill'",
+                          "hubspot_consent_sync")
+        return {logical_date[:10]: state for logical_date, state in rows}
+
+    def finished_backfill(self, count: int):
+        runs = self.backfill_runs()
+        done = len(runs) == count and all(state in ("success", "failed") for state in runs.values())
+        return runs if done else None
+
+
+@pytest.fixture
+def airflow(tmp_path, hubspot_emulator_factory):
+    home = tmp_path / "airflow"
+    home.mkdir()
+    source = tmp_path / "consent.db"
+    api_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env.update({
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+        # A failed run should fail now, not after the DAG's 5-minute task retries.
+        "AIRFLOW__HUBSPOT__TASK_RETRIES": "0",
+        "AIRFLOW_CONN_HUBSPOT_CONSENT_SOURCE": json.dumps({"conn_type": "sqlite", "host": str(source)}),
+    })
+    emulator = hubspot_emulator_factory()
+    env["AIRFLOW_CONN_HUBSPOT_DEFAULT"] = emulator.airflow_connection(max_retries=1)
+    af = Airflow(home, env)
+    af.emulator = emulator
+    af.source = source
+    af.storage = home / "hubspot_consent"
+    af.cli("db", "migrate")
+    try:
+        af.start("api-server", "--host", "127.0.0.1", "--port", str(api_port))
+        af.start("scheduler", "--skip-serve-logs")
+        af.start("dag-processor")
+        yield af
+    finally:
+        af.stop()
+
+
+def write_source(path: Path, rows: list[tuple]) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE consent_events (email TEXT, subscription_id INTEGER, status TEXT, "
+            "legal_basis TEXT, legal_basis_explanation TEXT, occurred_at TEXT)"
+        )
+        conn.executemany("INSERT INTO consent_events VALUES (?, ?, ?, ?, ?, ?)", rows)
+    conn.close()
+
+
+def test_the_readme_backfill_after_an_outage_under_a_real_scheduler(airflow):
+    rows = changes_over_days(DAYS)
+    write_source(airflow.source, rows)
+    airflow.emulator.fault_rate_5xx = 1.0  # HubSpot is down
+    airflow.wait_for("the DAG processor to store the DAG", lambda: airflow.query(
+        "SELECT 1 FROM serialized_dag WHERE dag_id = 'hubspot_consent_sync'"
+    ))
+    airflow.cli("dags", "unpause", "hubspot_consent_sync")
+    backfill = ["backfill", "create", "--dag-id", "hubspot_consent_sync",
+                "--from-date", DAYS[0].date().isoformat(), "--to-date", DAYS[-1].date().isoformat()]
+
+    # The outage: the runs of the three days fail, and nothing is marked done.
+    airflow.cli(*backfill)
+    runs = airflow.wait_for("the backfill runs to finish", lambda: airflow.finished_backfill(3))
+    assert runs == {"2026-03-08": "failed", "2026-03-09": "failed", "2026-03-10": "failed"}
+    assert airflow.emulator.statuses == {}
+    assert list(airflow.storage.glob("backfill__*/summary.json")) == []
+
+    # HubSpot is back: the README's command re-runs the failed days.
+    airflow.emulator.fault_rate_5xx = 0.0
+    airflow.cli(*backfill, "--reprocess-behavior", "failed")
+    runs = airflow.wait_for(
+        "the re-run backfill to finish",
+        lambda: (r := airflow.finished_backfill(3)) and "failed" not in r.values() and r,
+    )
+    assert runs == {"2026-03-08": "success", "2026-03-09": "success", "2026-03-10": "success"}
+
+    # However the scheduler ordered the three runs, HubSpot ends with each contact's latest event.
+    assert {key: value["status"] for key, value in airflow.emulator.statuses.items()} == latest_of_all_days(rows)
+
+    # Each backfill run for logical date D synced exactly day D, and left later changes to later days.
+    summaries = sorted(
+        (json.loads(path.read_text()) for path in airflow.storage.glob("backfill__*/summary.json")),
+        key=lambda s: s["data_interval_start"],
+    )
+    assert [(s["data_interval_start"], s["data_interval_end"]) for s in summaries] == [
+        (day.isoformat(), (day + timedelta(days=1)).isoformat()) for day in DAYS
+    ]
+    assert [(s["events_in_interval"], s["superseded_later"], s["succeeded"], s["failed"]) for s in summaries] == [
+        (30, 20, 10, 0), (20, 10, 10, 0), (10, 0, 10, 0),
+    ]
+
+    # The writes went through the pool that the scheduler created on its start.
+    assert airflow.query("SELECT slots FROM slot_pool WHERE pool = ?", consent.HUBSPOT_POOL) == [
+        (consent.HUBSPOT_POOL_SLOTS,)
+    ]
+    pools = airflow.query("SELECT DISTINCT pool FROM task_instance WHERE task_id = 'submit'")
+    assert pools == [(consent.HUBSPOT_POOL,)]
