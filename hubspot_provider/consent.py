@@ -928,7 +928,7 @@ def prepare_replay(
             f"dead_letter_uri {dead_letter_uri} is neither a file nor a folder; pass the dead-letters/ "
             "folder of a hubspot_consent_sync run (see its summary.json) or one of its part files"
         )
-    source = None
+    source_check = None
     if source_conn_id:
         table = check_identifier(source_table)
         try:
@@ -939,7 +939,7 @@ def prepare_replay(
                 f"({error}); set it to the consent source's SQL connection, or to null to replay without "
                 "the check"
             ) from error
-        source = (hook, conn_type, table, getattr(hook, "placeholder", "%s") or "%s")
+        source_check = (hook, conn_type, table, getattr(hook, "placeholder", "%s") or "%s")
     replay = replay_folder(dead_letter_uri, run_id)
     input_folder = replay / REPLAY_INPUT_FOLDER
     _clear_folder(input_folder)
@@ -960,14 +960,14 @@ def prepare_replay(
                     candidates += 1
                     line = _dumps({"input": letter["input"], "occurredAt": letter.get("occurredAt")})
                     moment = parse_occurred_at(letter.get("occurredAt"))
-                    if source is None or moment is None:
+                    if source_check is None or moment is None:
                         out.write(line + "\n")
                         selected += 1
                     else:
                         latest.add(_status_key(letter["input"]), moment, line)
                 since = latest.earliest()
-                if source is not None and since is not None:
-                    hook, conn_type, table, placeholder = source
+                if source_check is not None and since is not None:
+                    hook, conn_type, table, placeholder = source_check
                     latest.mark_changed_since(hook, conn_type, table, placeholder, since, fetch_size)
                     superseded_later = latest.superseded_later()
                 for line in latest.lines():
