@@ -1,0 +1,108 @@
+"""The pipeline on an object store that is not the local disk.
+
+Staged files, checkpoints and dead letters go through ``airflow.sdk.ObjectStoragePath``, so ``s3://``
+or ``gs://`` work where their provider is installed. Those need accounts; fsspec's in-memory
+filesystem does not. Like a bucket it has no local paths and only pseudo-folders, so any use of
+local-only path behaviour in extract, validate, the operator or the replay fails here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import uuid
+
+import fsspec
+import pytest
+
+from airflow.sdk import ObjectStoragePath
+from airflow.sdk.exceptions import TaskDeferred
+from airflow.sdk.io import attach
+from hubspot_provider import consent
+from hubspot_provider.operators import HubSpotWriteStatusesOperator
+
+
+@pytest.fixture
+def bucket():
+    fs = fsspec.filesystem("memory")
+    attach("memory", fs=fs)
+    root = f"memory://bucket-{uuid.uuid4().hex[:8]}"
+    yield ObjectStoragePath(root)
+    fs.rm(root.removeprefix("memory://"), recursive=True)
+
+
+@pytest.fixture
+def source(tmp_path, monkeypatch):
+    db = tmp_path / "consent.db"
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_HUBSPOT_CONSENT_SOURCE", json.dumps({"conn_type": "sqlite", "host": str(db)})
+    )
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TABLE consent_events (email TEXT, subscription_id INTEGER, status TEXT, "
+            "legal_basis TEXT, legal_basis_explanation TEXT, occurred_at TEXT)"
+        )
+        conn.executemany("INSERT INTO consent_events VALUES (?, ?, ?, ?, ?, ?)", [
+            *[(f"user{i}@example.com", 1001, "SUBSCRIBED", None, None, f"2026-03-10 {i % 24:02d}:00:00")
+              for i in range(30)],
+            ("not-an-email", 1001, "SUBSCRIBED", None, None, "2026-03-10 10:00:00"),
+            ("when@example.com", 1001, "SUBSCRIBED", None, None, "tuesday"),
+        ])
+    conn.close()
+
+
+def lines(path: ObjectStoragePath) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_extract_validate_write_defer_and_replay_on_a_non_local_store(
+    bucket, source, hubspot_emulator_factory, hubspot_conn
+):
+    emulator = hubspot_emulator_factory(daily_limit=2, daily_reset_s=1)
+    hubspot_conn(emulator)
+    run = bucket / "manual__2026-03-11"
+
+    extracted = consent.extract_consent_events(
+        source_conn_id="hubspot_consent_source", source_table="consent_events",
+        data_interval_start="2026-03-10T00:00:00Z", data_interval_end="2026-03-11T00:00:00Z", run_uri=run,
+    )
+    validated = consent.validate_staged_events(extracted["run_uri"])
+    assert (extracted["staged"], extracted["unparseable"], validated["valid"], validated["invalid"]) == (
+        31, 1, 30, 1
+    )
+    assert validated["validated_uri"].startswith("memory://")
+
+    # The daily limit stops the write after two requests; the checkpoint is saved in the bucket.
+    params = dict(task_id="submit", input_uri=validated["validated_uri"],
+                  dead_letter_uri=validated["dead_letter_uri"], batch_size=5, segment_size=5, deferrable=True)
+    with pytest.raises(TaskDeferred) as caught:
+        HubSpotWriteStatusesOperator(**params).execute(context={})
+    checkpoint = ObjectStoragePath(validated["validated_uri"]) / "_checkpoint.json"
+    assert json.loads(checkpoint.read_text())["progress"]["lines_done"] == 10
+    deferred = caught.value
+    summary = None
+    while summary is None:  # a day of 2 requests: it defers again until every segment is done
+        event = asyncio.run(anext(deferred.trigger.run()))
+        try:
+            summary = HubSpotWriteStatusesOperator(**params).execute_complete(
+                context={}, event=event.payload, **(deferred.kwargs or {})
+            )
+        except TaskDeferred as again:
+            deferred = again
+
+    assert (summary["submitted"], summary["succeeded"], summary["failed"]) == (30, 30, 0)
+    assert summary["deferrals"] >= 2
+    assert len(emulator.statuses) == 30
+    assert not checkpoint.exists()
+    dead = consent.count_dead_letters(validated["dead_letter_uri"])
+    assert (dead["total"], dead["by_category"]) == (2, {"INVALID_INPUT": 2})
+
+    # The replay reads those dead letters from the bucket and keeps its own files beside them.
+    prepared = consent.prepare_replay(validated["dead_letter_uri"], run_id="replay-1",
+                                      include_non_retryable=True, source_conn_id="hubspot_consent_source")
+    assert prepared["replay_uri"].startswith("memory://") and prepared["selected"] == 2
+    replayed = lines(ObjectStoragePath(prepared["input_uri"]) / consent.REPLAY_INPUT_FILE)
+    assert sorted(str(line["input"]["subscriberIdString"]) for line in replayed) == [
+        "not-an-email", "when@example.com",
+    ]
