@@ -1,6 +1,6 @@
 """Memory of HubSpotWriteStatusesOperator over staged input: flat in the record count?
 
-Run with ``./bin/bench-operator`` (nothing is asserted). Writes staged JSONL files of growing size
+Run with ``./bin/bench operator`` (nothing is asserted). Writes staged JSONL files of growing size
 (1% of lines invalid, so dead letters are written too), runs the operator over each against the
 emulator (own process, rate limit lifted so the run is CPU-bound), and reports the peak of Python
 allocations (tracemalloc) during ``execute`` and the throughput.
