@@ -472,3 +472,4 @@ def test_backfilling_old_days_after_an_outage_never_puts_back_a_stale_status(
     # stale statuses back, which is what the default prevents.
     run_for_day(days[0], later_events_win=False)
     assert hubspot_state(emulator) != latest_of_all_days(rows)
+

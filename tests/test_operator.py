@@ -88,7 +88,6 @@ def test_exactly_one_input_source_is_required():
         operator(inputs=rows(1), max_failed_ratio=1.5)
     op = operator(inputs=rows(1))
     assert op.template_fields == ("inputs", "input_uri", "dead_letter_uri", "hubspot_conn_id", "batch_size")
-    assert op.template_fields_renderers == {"inputs": "json"}
 
 
 # --------------------------------------------------------------------------- inline input
@@ -133,6 +132,29 @@ def test_inline_dead_letters_are_written_when_a_folder_is_given(emulator, conn, 
 def test_inline_inputs_rendered_as_text_are_parsed(emulator, conn):
     assert operator(inputs=json.dumps(rows(2))).execute(context={})["succeeded"] == 2
     assert operator(inputs=str(rows(3))).execute(context={})["succeeded"] == 3
+
+
+def test_inline_inputs_stay_out_of_the_rendered_template_view(emulator, conn):
+    # What the task runner stores as the task's rendered fields (and the UI shows), built by Airflow's
+    # own function after rendering, as in a real task run.
+    from airflow.sdk.execution_time.task_runner import _serialize_rendered_fields
+
+    op = operator(inputs="{{ params.contacts | tojson }}", batch_size="{{ params.batch }}")
+    op.render_template_fields({"params": {"contacts": rows(7), "batch": 3}})
+    rendered = _serialize_rendered_fields(op)
+
+    assert rendered["inputs"] == "<7 inline inputs, not shown: they hold email addresses>"
+    assert rendered["batch_size"] == "3"
+    assert "@example.com" not in json.dumps(rendered)
+    summary = op.execute(context={})
+    assert (summary["succeeded"], summary["requests"]) == (7, 3)
+    assert emulator.status_of("user6@example.com", 1001)["status"] == "SUBSCRIBED"
+
+    # Text that is no list is left as rendered, and execute() says what is wrong.
+    bad = operator(inputs="{{ params.contacts }}")
+    bad.render_template_fields({"params": {"contacts": "ada@example.com"}})
+    with pytest.raises(TypeError, match="neither JSON nor a Python list literal"):
+        bad.execute(context={})
 
 
 # --------------------------------------------------------------------------- staged input

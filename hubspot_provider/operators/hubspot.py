@@ -215,7 +215,6 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         "hubspot_conn_id",
         "batch_size",
     )
-    template_fields_renderers = {"inputs": "json"}
     ui_color = "#ff7a59"
 
     def __init__(
@@ -256,6 +255,22 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         self.deferrable = deferrable
         self.max_wait_s = max_wait_s
         self.segment_size = segment_size
+        self._rendered_inputs: list[Any] | None = None
+
+    def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
+        """Render the templates, then keep inline inputs out of Airflow's rendered-template view.
+
+        Airflow stores every rendered template field and shows it in the UI. Inline inputs hold email
+        addresses, so after rendering they are kept on the task only, and the field shows a count.
+        """
+        super().render_template_fields(context, jinja_env)
+        if self.inputs is None:
+            return
+        try:
+            self._rendered_inputs = _inline_list(self.inputs)
+        except TypeError:
+            return  # left as rendered: execute() reports the error with the fix
+        self.inputs = f"<{len(self._rendered_inputs)} inline inputs, not shown: they hold email addresses>"
 
     @cached_property
     def hook(self) -> HubSpotHook:
@@ -495,7 +510,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             yield segment
 
     def _inline_records(self, progress: _Progress) -> Iterator[_Record]:
-        items = _inline_list(self.inputs)
+        items = self._rendered_inputs if self._rendered_inputs is not None else _inline_list(self.inputs)
         for position in range(progress.lines_done, len(items)):
             yield self._record(items[position], line=position + 1, file_index=0, file_line=0)
 
