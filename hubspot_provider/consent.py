@@ -448,10 +448,14 @@ class _LatestPerKey:
         self._db.executemany("UPDATE latest SET later = 1 WHERE key = ? AND at_us < ?", self._later)
         self._later.clear()
 
-    def lines(self) -> Iterator[str]:
+    def write_lines(self, handle: IO[str]) -> int:
+        """Write the kept events, one line each, in the order they were read; return how many."""
         self._flush()
+        written = 0
         for (line,) in self._db.execute("SELECT line FROM latest WHERE later = 0 ORDER BY seq"):
-            yield line
+            handle.write(line + "\n")
+            written += 1
+        return written
 
     def earliest(self) -> datetime | None:
         self._flush()
@@ -572,11 +576,8 @@ def extract_consent_events(
                 latest.mark_changed_since(hook, conn_type, table, placeholder, end, fetch_size)
             superseded_later = latest.superseded_later()
             staged_file.parent.mkdir(parents=True, exist_ok=True)
-            staged = 0
             with staged_file.open("w", encoding="utf-8") as handle:
-                for line in latest.lines():
-                    handle.write(line + "\n")
-                    staged += 1
+                staged = latest.write_lines(handle)
         finally:
             latest.close()
 
@@ -970,9 +971,7 @@ def prepare_replay(
                     hook, conn_type, table, placeholder = source_check
                     latest.mark_changed_since(hook, conn_type, table, placeholder, since, fetch_size)
                     superseded_later = latest.superseded_later()
-                for line in latest.lines():
-                    out.write(line + "\n")
-                    selected += 1
+                selected += latest.write_lines(out)
         finally:
             latest.close()
     result = {

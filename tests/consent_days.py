@@ -1,8 +1,10 @@
-"""Consent events over several days, and the statuses HubSpot must end with once every day has run."""
+"""Test data for the consent sync: a SQLite source table, events over several days, expected statuses."""
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from hubspot_provider import consent
 
@@ -34,3 +36,22 @@ def latest_of_all_days(rows: list[tuple]) -> dict[Key, str]:
         if key not in latest or moment >= latest[key][0]:
             latest[key] = (moment, status)
     return {key: status for key, (_moment, status) in latest.items()}
+
+
+def write_consent_table(path: Path, rows: list[tuple]) -> Path:
+    """(Re)create ``consent_events`` in the SQLite file ``path`` in the source contract's shape.
+
+    ``occurred_at`` is text, as SQLite keeps timestamps.
+    """
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("DROP TABLE IF EXISTS consent_events")
+        conn.execute(
+            "CREATE TABLE consent_events (email TEXT, subscription_id INTEGER, status TEXT, "
+            "legal_basis TEXT, legal_basis_explanation TEXT, occurred_at TEXT)"
+        )
+        conn.executemany("INSERT INTO consent_events VALUES (?, ?, ?, ?, ?, ?)", rows)
+        conn.commit()
+    finally:
+        conn.close()
+    return path

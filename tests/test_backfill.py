@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from consent_days import changes_over_days, latest_of_all_days
+from consent_days import changes_over_days, latest_of_all_days, write_consent_table
 from hubspot_provider import consent
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,20 +150,10 @@ def airflow(tmp_path, hubspot_emulator_factory):
         af.stop()
 
 
-def write_source(path: Path, rows: list[tuple]) -> None:
-    with sqlite3.connect(path) as conn:
-        conn.execute(
-            "CREATE TABLE consent_events (email TEXT, subscription_id INTEGER, status TEXT, "
-            "legal_basis TEXT, legal_basis_explanation TEXT, occurred_at TEXT)"
-        )
-        conn.executemany("INSERT INTO consent_events VALUES (?, ?, ?, ?, ?, ?)", rows)
-    conn.close()
-
-
 @pytest.mark.timeout(900)
 def test_the_readme_backfill_after_an_outage_under_a_real_scheduler(airflow):
     rows = changes_over_days(DAYS)
-    write_source(airflow.source, rows)
+    write_consent_table(airflow.source, rows)
     airflow.emulator.fault_rate_5xx = 1.0  # HubSpot is down
     airflow.wait_for("the DAG processor to store the DAG", lambda: airflow.query(
         "SELECT 1 FROM serialized_dag WHERE dag_id = 'hubspot_consent_sync'"

@@ -10,25 +10,12 @@ from pathlib import Path
 import pytest
 
 from airflow.sdk.exceptions import AirflowFailException
+from consent_days import write_consent_table
 from hubspot_provider import consent
 
 START = datetime(2026, 3, 10, tzinfo=timezone.utc)
 END = START + timedelta(days=1)
 COLUMNS = consent.SOURCE_COLUMNS
-
-
-def make_source(path: Path, rows: list[tuple]) -> Path:
-    """A SQLite consent table in the source contract's shape (occurred_at as text, as SQLite keeps it)."""
-    db = sqlite3.connect(path)
-    db.execute(
-        "CREATE TABLE IF NOT EXISTS consent_events (email TEXT, subscription_id INTEGER, status TEXT, "
-        "legal_basis TEXT, legal_basis_explanation TEXT, occurred_at TEXT)"
-    )
-    db.execute("DELETE FROM consent_events")
-    db.executemany("INSERT INTO consent_events VALUES (?, ?, ?, ?, ?, ?)", rows)
-    db.commit()
-    db.close()
-    return path
 
 
 def event(email: str, occurred_at: object, status: str = "SUBSCRIBED", subscription_id: object = 1001,
@@ -51,7 +38,7 @@ def source(tmp_path, monkeypatch):
     )
 
     def write(rows: list[tuple]) -> Path:
-        return make_source(db, rows)
+        return write_consent_table(db, rows)
 
     return write
 

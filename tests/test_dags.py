@@ -6,7 +6,6 @@ Each ``dag.test()`` costs a few seconds of fixed Airflow start-up, so every run 
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from consent_days import changes_over_days, latest_of_all_days
+from consent_days import changes_over_days, latest_of_all_days, write_consent_table
 from hubspot_provider import consent
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,16 +199,7 @@ def consent_source(tmp_path, monkeypatch):
     )
 
     def write(rows: list[tuple]) -> Path:
-        conn = sqlite3.connect(db)
-        conn.execute("DROP TABLE IF EXISTS consent_events")
-        conn.execute(
-            "CREATE TABLE consent_events (email TEXT, subscription_id INTEGER, status TEXT, "
-            "legal_basis TEXT, legal_basis_explanation TEXT, occurred_at TEXT)"
-        )
-        conn.executemany("INSERT INTO consent_events VALUES (?, ?, ?, ?, ?, ?)", rows)
-        conn.commit()
-        conn.close()
-        return db
+        return write_consent_table(db, rows)
 
     return write
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import uuid
 
 import fsspec
@@ -19,6 +18,7 @@ import pytest
 from airflow.sdk import ObjectStoragePath
 from airflow.sdk.exceptions import TaskDeferred
 from airflow.sdk.io import attach
+from consent_days import write_consent_table
 from hubspot_provider import consent
 from hubspot_provider.operators import HubSpotWriteStatusesOperator
 
@@ -38,18 +38,12 @@ def source(tmp_path, monkeypatch):
     monkeypatch.setenv(
         "AIRFLOW_CONN_HUBSPOT_CONSENT_SOURCE", json.dumps({"conn_type": "sqlite", "host": str(db)})
     )
-    with sqlite3.connect(db) as conn:
-        conn.execute(
-            "CREATE TABLE consent_events (email TEXT, subscription_id INTEGER, status TEXT, "
-            "legal_basis TEXT, legal_basis_explanation TEXT, occurred_at TEXT)"
-        )
-        conn.executemany("INSERT INTO consent_events VALUES (?, ?, ?, ?, ?, ?)", [
-            *[(f"user{i}@example.com", 1001, "SUBSCRIBED", None, None, f"2026-03-10 {i % 24:02d}:00:00")
-              for i in range(30)],
-            ("not-an-email", 1001, "SUBSCRIBED", None, None, "2026-03-10 10:00:00"),
-            ("when@example.com", 1001, "SUBSCRIBED", None, None, "tuesday"),
-        ])
-    conn.close()
+    write_consent_table(db, [
+        *[(f"user{i}@example.com", 1001, "SUBSCRIBED", None, None, f"2026-03-10 {i % 24:02d}:00:00")
+          for i in range(30)],
+        ("not-an-email", 1001, "SUBSCRIBED", None, None, "2026-03-10 10:00:00"),
+        ("when@example.com", 1001, "SUBSCRIBED", None, None, "tuesday"),
+    ])
 
 
 def lines(path: ObjectStoragePath) -> list[dict]:
