@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from airflow.sdk import BaseHook, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowFailException
-from hubspot_provider.hooks.hubspot import INVALID_INPUT
+from hubspot_provider.results import INVALID_INPUT
 from hubspot_provider.models import PublicStatusRequest, describe_validation_error
 from hubspot_provider.operators.hubspot import dead_letter
 

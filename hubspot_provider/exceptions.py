@@ -2,7 +2,12 @@
 
 One root, :class:`HubSpotError`, so a DAG can catch everything the provider raises. Each message
 says what was wrong and what to do; HubSpot's ``correlationId`` travels with the error (quote it to
-HubSpot support). No error ever carries the access token.
+HubSpot support). No error ever carries a secret or an email address, whatever a server echoed:
+the hook redacts every message it raises.
+
+A write interrupted part-way raises with ``partial_report``: the
+:class:`~hubspot_provider.results.WriteReport` of every input accounted for before the stop. Inputs
+not in it were never acknowledged by HubSpot; writes are idempotent, so re-sending them is safe.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk.exceptions import AirflowException
 
 if TYPE_CHECKING:
-    from hubspot_provider.hooks.hubspot import WriteReport
+    from hubspot_provider.results import WriteReport
 
 
 class HubSpotError(AirflowException):
@@ -23,6 +28,7 @@ class HubSpotError(AirflowException):
     :param status_code: HTTP status HubSpot answered with, when there was a response.
     :param correlation_id: HubSpot's ``correlationId`` for the failing request, when known.
     :param category: HubSpot's error ``category`` (e.g. ``MISSING_SCOPES``), when known.
+    :param partial_report: for an interrupted write, the inputs accounted for before the stop.
     """
 
     def __init__(
@@ -32,6 +38,7 @@ class HubSpotError(AirflowException):
         status_code: int | None = None,
         correlation_id: str | None = None,
         category: str | None = None,
+        partial_report: WriteReport | None = None,
     ) -> None:
         if correlation_id:
             message = f"{message} (HubSpot correlationId {correlation_id})"
@@ -39,6 +46,7 @@ class HubSpotError(AirflowException):
         self.status_code = status_code
         self.correlation_id = correlation_id
         self.category = category
+        self.partial_report = partial_report
 
 
 class HubSpotConfigError(HubSpotError):
@@ -58,22 +66,20 @@ class HubSpotScopeError(HubSpotAuthError):
 
 
 class HubSpotRequestError(HubSpotError):
-    """HubSpot answered with an error the hook cannot recover from (e.g. 404: wrong base path)."""
+    """The request could not be answered by HubSpot as sent: a 404 (wrong base path), a redirect (the
+    hook never follows one), a 400 that is not HubSpot's JSON error (a proxy or firewall answered).
+    Inputs of an interrupted write stay retryable."""
 
 
-class _InterruptedWrite(HubSpotError):
-    """A write stopped part-way; ``partial_report`` accounts for every input handled before the stop.
+class HubSpotResponseError(HubSpotError):
+    """HubSpot's answer could not be trusted: not JSON, not the documented shape, or over the size cap.
 
-    Inputs not in the partial report were never acknowledged by HubSpot. Writes are idempotent, so
-    re-submitting them (or the whole input) is safe.
+    The message names what was wrong, never the answer's text (it may hold personal data). In a
+    write, the inputs of such an answer fail as ``UNCONFIRMED`` (retryable) instead.
     """
 
-    def __init__(self, message: str, *, partial_report: WriteReport | None = None, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.partial_report = partial_report
 
-
-class HubSpotRateLimitError(_InterruptedWrite):
+class HubSpotRateLimitError(HubSpotError):
     """HubSpot asked for a wait longer than the hook may sleep in-process (``max_wait_s``).
 
     :param reset_at: when requests may resume (aware UTC datetime). An operator can defer until then.
@@ -91,5 +97,5 @@ class HubSpotDailyLimitError(HubSpotRateLimitError):
     """
 
 
-class HubSpotUnavailableError(_InterruptedWrite):
+class HubSpotUnavailableError(HubSpotError):
     """HubSpot stayed unavailable (5xx, rate limits, timeouts, dropped connections) past the retry budget."""

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -212,6 +213,26 @@ def _lenient(enum_type: type[Enum]) -> Any:
 _Timestamp = Annotated[Union[datetime, str, None], Field(union_mode="left_to_right")]
 
 
+def _parse_context(value: Any) -> Any:
+    """HubSpot's own examples send ``context`` as a Java map rendering: ``"{missingScopes=[a, b]}"``."""
+    if value is None or isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        return None  # lenient: a context of another shape names nothing we can use
+    parsed: dict[str, Any] = {}
+    for name, listed, single in re.findall(r"(\w+)=(?:\[([^\]]*)\]|([^,}]*))", value):
+        parsed[name] = [v.strip() for v in listed.split(",") if v.strip()] if listed or not single else single.strip()
+    return parsed
+
+
+# ``context`` is a map of lists in the spec, a string in HubSpot's own examples: both become a dict.
+_Context = Annotated[Union[dict[str, Any], None], BeforeValidator(_parse_context)]
+
+
+def _none_as_empty(value: Any) -> Any:
+    return [] if value is None else value
+
+
 class _Response(_Wire):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
 
@@ -222,8 +243,7 @@ class ErrorDetail(_Response):
     message: str | None = None
     code: str | None = None
     in_: str | None = Field(default=None, alias="in")
-    # HubSpot's own example sends this as a string ("{missingScopes=[scope1, scope2]}").
-    context: dict[str, Any] | str | None = None
+    context: _Context = None
     sub_category: Any = None
 
 
@@ -234,7 +254,7 @@ class StandardError(_Response):
     category: str | None = None
     message: str | None = None
     id: str | None = None
-    context: dict[str, Any] | None = None
+    context: _Context = None
     errors: list[ErrorDetail] | None = None
     links: dict[str, Any] | None = None
     sub_category: Any = None
@@ -248,7 +268,7 @@ class ErrorBody(_Response):
     correlation_id: str | None = None
     category: str | None = None
     sub_category: Any = None
-    context: dict[str, Any] | None = None
+    context: _Context = None
     errors: list[ErrorDetail] | None = None
     links: dict[str, Any] | None = None
 
@@ -256,12 +276,6 @@ class ErrorBody(_Response):
         """Scopes a 403 ``MISSING_SCOPES`` body says the token lacks (empty when it names none)."""
         scopes: list[str] = []
         for source in [self.context] + [d.context for d in self.errors or []]:
-            if isinstance(source, str):
-                # The Java-map rendering HubSpot's examples show: "{missingScopes=[a, b]}".
-                source = {
-                    name: [v.strip() for v in values.split(",") if v.strip()]
-                    for name, values in re.findall(r"(\w+)=\[([^\]]*)\]", source)
-                }
             for name in ("requiredScopes", "missingScopes", "requiredGranularScopes"):
                 value = (source or {}).get(name)
                 if isinstance(value, list):
@@ -311,14 +325,14 @@ class _BatchEnvelope(_Response):
     started_at: _Timestamp = None
     completed_at: _Timestamp = None
     num_errors: int | None = None
-    errors: list[StandardError] = Field(default_factory=list)
+    errors: Annotated[list[StandardError], BeforeValidator(_none_as_empty)] = Field(default_factory=list)
     links: dict[str, Any] | None = None
 
 
 class BatchResponsePublicStatus(_BatchEnvelope):
     """Response of a batch status write (HTTP 200, or 207 when some inputs failed)."""
 
-    results: list[PublicStatus] = Field(default_factory=list)
+    results: Annotated[list[PublicStatus], BeforeValidator(_none_as_empty)] = Field(default_factory=list)
 
 
 class PublicStatusBulkResponse(_Response):

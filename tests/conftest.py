@@ -28,3 +28,20 @@ def hubspot_conn(monkeypatch):
         return conn_id
 
     return connect
+
+
+@pytest.fixture
+def task_log(capfd):
+    """Everything Airflow's loggers wrote so far (its structlog handlers print; caplog sees nothing).
+
+    Call it to get the text; tests that check what a log holds assert first that it holds the
+    expected lines, so a capture that missed everything cannot pass.
+    """
+    seen: list[str] = []
+
+    def text() -> str:
+        out, err = capfd.readouterr()
+        seen.append(out + err)
+        return "".join(seen)
+
+    return text

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -384,13 +383,14 @@ def test_oauth_refresh_token_flow_caches_and_renews(hubspot_emulator_factory, mo
     assert emulator.token_requests == 2
 
 
-def test_oauth_bad_credentials_fail_clearly_without_leaking(hubspot_emulator_factory, monkeypatch, caplog):
+def test_oauth_bad_credentials_fail_clearly_without_leaking(hubspot_emulator_factory, monkeypatch, task_log):
     emulator = hubspot_emulator_factory()
     hook = HubSpotHook(_oauth_conn(emulator, monkeypatch, client_secret="wrong-secret-value"))
     with pytest.raises(HubSpotAuthError, match="OAuth token refresh") as caught:
         hook.write_statuses(rows(1))
     assert "wrong-secret-value" not in str(caught.value) and "emulator-refresh-token" not in str(caught.value)
-    assert "wrong-secret-value" not in caplog.text
+    logged = task_log()
+    assert "HubSpot write interrupted" in logged and "wrong-secret-value" not in logged
 
 
 # --------------------------------------------------------------------------- connection handling and hygiene
@@ -438,17 +438,17 @@ def test_missing_token_is_a_clear_config_error(monkeypatch):
         HubSpotHook("hubspot_empty").write_statuses(rows(1))
 
 
-def test_token_never_reaches_repr_logs_or_errors(emulator, hook, caplog):
-    caplog.set_level(logging.DEBUG)
+def test_token_never_reaches_repr_logs_or_errors(emulator, hook, task_log):
     emulator.inject("503")
     emulator.inject("429")
     report = hook.write_statuses(rows(12) + [{"subscriberIdString": "bad", "subscriptionId": 1, "statusState": "X"}])
     session = hook.get_conn()
-    for text in (repr(hook), str(hook.__dict__), repr(session.auth), repr(session.headers), caplog.text,
+    logged = task_log()
+    assert "retry 1/" in logged and "HubSpot write:" in logged
+    for text in (repr(hook), str(hook.__dict__), repr(session.auth), repr(session.headers), logged,
                  report.model_dump_json()):
         assert TOKEN not in text
-    info_text = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
-    assert "@example.com" not in info_text
+    assert "@example.com" not in logged
 
 
 def test_reads_definitions_and_test_connection(emulator, hook):

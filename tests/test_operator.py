@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -93,8 +92,7 @@ def test_exactly_one_input_source_is_required():
 # --------------------------------------------------------------------------- inline input
 
 
-def test_inline_inputs_land_and_the_summary_accounts_for_each(emulator, conn, caplog):
-    caplog.set_level(logging.INFO)
+def test_inline_inputs_land_and_the_summary_accounts_for_each(emulator, conn, task_log):
     inputs = rows(12)
     inputs[3] = {**inputs[3], "subscriberIdString": "not-an-email"}
     inputs[7] = {**inputs[7], "subscriptionId": 424242}
@@ -109,8 +107,8 @@ def test_inline_inputs_land_and_the_summary_accounts_for_each(emulator, conn, ca
     assert summary["dead_letter_uri"] is None and summary["dead_letter_files"] == 0
     assert summary["requests"] == 3 and summary["deferrals"] == 0
     assert emulator.status_of("user11@example.com", 1001)["status"] == "SUBSCRIBED"
-    info = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
-    assert "@example.com" not in info
+    info = task_log()
+    assert "HubSpot status sync" in info and "@example.com" not in info
 
 
 def test_inline_dead_letters_are_written_when_a_folder_is_given(emulator, conn, tmp_path):
@@ -349,6 +347,51 @@ def test_a_new_try_resumes_from_the_checkpoint_after_hubspot_stays_unavailable(
     assert len(emulator.statuses) == 60
     assert (summary["submitted"], summary["succeeded"]) == (60, 60)
     assert summary["requests"] == 14 and summary["retries"] == 1
+
+
+def _interrupted_after_20_of_60(emulator, hubspot_conn, tmp_path) -> tuple[str, Path]:
+    hubspot_conn(emulator, max_retries=1)
+    uri = staged(tmp_path / "in.jsonl", rows(60))
+    emulator.inject("slow:0", count=4)  # two segments of 10 land...
+    emulator.inject("503", count=2)  # ...then HubSpot stays down
+    with pytest.raises(HubSpotUnavailableError):
+        operator(input_uri=uri, batch_size=5, segment_size=10).execute(context={})
+    checkpoint = tmp_path / "in.jsonl.checkpoint.json"
+    assert json.loads(checkpoint.read_text())["progress"]["lines_done"] == 20
+    return uri, checkpoint
+
+
+def test_a_checkpoint_is_bound_to_the_lines_it_covers(emulator, hubspot_conn, tmp_path, task_log):
+    uri, _ = _interrupted_after_20_of_60(emulator, hubspot_conn, tmp_path)
+    # Someone edits a line the checkpoint says is done, keeping the file's size.
+    staged_file = tmp_path / "in.jsonl"
+    text = staged_file.read_text()
+    staged_file.write_text(text.replace("user5@example.com", "zser5@example.com"))
+    assert len(staged_file.read_text()) == len(text)
+    emulator.reset()
+    summary = operator(input_uri=uri, batch_size=5, segment_size=10).execute(context={})
+    assert "the lines it covers changed" in task_log()
+    assert (summary["submitted"], summary["succeeded"]) == (60, 60)  # started over: nothing skipped
+    assert emulator.status_of("zser5@example.com", 1001)["status"] == "SUBSCRIBED"
+    assert len(emulator.statuses) == 60
+
+
+@pytest.mark.parametrize("resign", [False, True], ids=["position-edited", "position-edited-and-re-signed"])
+def test_a_checkpoint_with_an_altered_position_is_not_trusted(emulator, hubspot_conn, tmp_path, task_log, resign):
+    import hashlib
+
+    uri, checkpoint = _interrupted_after_20_of_60(emulator, hubspot_conn, tmp_path)
+    doc = json.loads(checkpoint.read_text())
+    doc["progress"].update(lines_done=40, file_line=40)  # still parses, would skip 20 lines
+    if resign:
+        doc.pop("sha256")
+        doc["sha256"] = hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    checkpoint.write_text(json.dumps(doc))
+    emulator.reset()
+    summary = operator(input_uri=uri, batch_size=5, segment_size=10).execute(context={})
+    reason = "the lines it covers changed" if resign else "not intact"
+    assert reason in task_log()
+    assert summary["succeeded"] == 60 and len(emulator.statuses) == 60
 
 
 def test_auth_errors_fail_the_task_without_marking_anything_done(emulator, conn, tmp_path):

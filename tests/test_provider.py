@@ -71,8 +71,12 @@ def test_connection_get_hook_builds_a_hubspot_hook(monkeypatch):
 
     conn = Connection(conn_id="hubspot_x", conn_type="hubspot", password="pat-x")
     monkeypatch.setenv("AIRFLOW_CONN_HUBSPOT_X", conn.as_json())
-    hook = conn.get_hook(hook_params={"method": "POST", "tcp_keep_alive": True})
+    hook = conn.get_hook(hook_params={"max_retries": 3, "batch_size": 50})
     assert isinstance(hook, HubSpotHook) and hook.hubspot_conn_id == "hubspot_x"
+    assert (hook.max_retries, hook.batch_size) == (3, 50)
+    # Not an HttpHook: it does not take an HTTP method it would not honour.
+    with pytest.raises(TypeError, match="method"):
+        conn.get_hook(hook_params={"method": "GET"})
 
 
 def test_scheduler_start_creates_the_hubspot_api_pool(airflow_cli):

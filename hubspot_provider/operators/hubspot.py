@@ -9,6 +9,7 @@ failure policy and a small summary for XCom. Talking to HubSpot stays in the hoo
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import re
 import time
@@ -28,9 +29,12 @@ from hubspot_provider.exceptions import (
     HubSpotAuthError,
     HubSpotConfigError,
     HubSpotRateLimitError,
+    HubSpotRequestError,
+    HubSpotResponseError,
     HubSpotUnavailableError,
 )
-from hubspot_provider.hooks.hubspot import INVALID_INPUT, FailedInput, HubSpotHook, WriteReport
+from hubspot_provider.hooks.hubspot import HubSpotHook
+from hubspot_provider.results import INVALID_INPUT, FailedInput, WriteReport
 from hubspot_provider.models import PublicStatusRequest
 
 if TYPE_CHECKING:
@@ -38,7 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["HubSpotWriteStatusesOperator"]
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 DEAD_LETTER_FOLDER = "dead-letters"
 FOLDER_CHECKPOINT = "_checkpoint.json"
 FILE_CHECKPOINT_SUFFIX = ".checkpoint.json"
@@ -76,6 +80,7 @@ class _Progress:
     segment_size: int = 0  # set once a rate-limit stop shrank the segments (0: the configured size)
     dead_letter_files: int = 0
     elapsed_s: float = 0.0
+    prefix_sha256: str = ""  # digest of every staged line up to the last one done
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> _Progress:
@@ -350,6 +355,10 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             try:
                 for segment in self._segments(staged, progress, segment_size):
                     self._write_segment(segment, progress, dead_letters, prefix)
+                    if staged is not None:
+                        # The reader is suspended right after the segment's last line: that is what is done.
+                        self._done_hash = self._reading_hash.copy()
+                        progress.prefix_sha256 = self._done_hash.hexdigest()
                     save()
                 break
             except HubSpotRateLimitError as exc:
@@ -384,7 +393,8 @@ class HubSpotWriteStatusesOperator(BaseOperator):
                 # Retry-After has one-second resolution; a little slack avoids hitting the limit again.
                 time.sleep(max(0.0, wait_s) + 0.5)
                 mark = time.monotonic()
-            except HubSpotUnavailableError as exc:
+            except (HubSpotUnavailableError, HubSpotRequestError, HubSpotResponseError) as exc:
+                # Nothing after the last checkpoint was confirmed; a task retry resumes from it.
                 progress.add_traffic(exc.partial_report)
                 save()
                 raise
@@ -515,17 +525,28 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             yield self._record(items[position], line=position + 1, file_index=0, file_line=0)
 
     def _staged_records(self, staged: _Staged, progress: _Progress) -> Iterator[_Record]:
+        # Every line read is hashed, so a checkpoint is bound to the content it covers. Blank lines and
+        # file boundaries are hashed with the next record: the hash always ends at a record's line.
+        hasher = self._reading_hash = self._done_hash.copy()
+        pending: list[bytes] = []
         line = progress.lines_done
         for file_index in range(progress.file_index, len(staged.files)):
             skip = progress.file_line if file_index == progress.file_index else 0
+            if not skip:
+                pending.append(_file_marker(staged.files[file_index]))
             with staged.files[file_index].open("r", encoding="utf-8", errors="replace") as handle:
-                for file_line, text in enumerate(handle, start=1):
+                for file_line, raw in enumerate(handle, start=1):
                     if file_line <= skip:
                         continue
                     line += 1
-                    text = text.strip()
+                    text = raw.strip()
                     if not text:
+                        pending.append(raw.encode("utf-8"))
                         continue
+                    for chunk in pending:
+                        hasher.update(chunk)
+                    pending.clear()
+                    hasher.update(raw.encode("utf-8"))
                     try:
                         value = json.loads(text)
                     except ValueError as exc:
@@ -535,6 +556,19 @@ class HubSpotWriteStatusesOperator(BaseOperator):
                                       "fix or drop this line at the source")
                         continue
                     yield self._record(value, line=line, file_index=file_index, file_line=file_line)
+
+    @staticmethod
+    def _prefix_hash(staged: _Staged, progress: _Progress) -> Any:
+        """Hash the staged lines a checkpoint says are done, as :meth:`_staged_records` hashed them."""
+        hasher = hashlib.sha256()
+        for file_index in range(progress.file_index + 1):
+            hasher.update(_file_marker(staged.files[file_index]))
+            with staged.files[file_index].open("r", encoding="utf-8", errors="replace") as handle:
+                for file_line, raw in enumerate(handle, start=1):
+                    if file_index == progress.file_index and file_line > progress.file_line:
+                        break
+                    hasher.update(raw.encode("utf-8"))
+        return hasher
 
     def _record(self, value: Any, *, line: int, file_index: int, file_line: int) -> _Record:
         if self.only_retryable and isinstance(value, dict) and value.get("retryable") is False:
@@ -585,22 +619,46 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         return f"part-{name}-"
 
     def _load_checkpoint(self, staged: _Staged, segment_size: int) -> tuple[_Progress | None, int]:
+        """The progress a checkpoint holds, if it is intact and still matches the input it covers.
+
+        A checkpoint carries its own digest and the digest of the staged lines it says are done; a
+        resume re-reads those lines and compares. On any mismatch the run starts over (writes are
+        idempotent, dead-letter parts are rewritten) with a warning, never skipping a line.
+        """
+        self._done_hash = hashlib.sha256()
         if not staged.checkpoint.exists():
             return None, segment_size
+        problem = None
         try:
             doc = json.loads(staged.checkpoint.read_text())
-            fresh = doc.get("version") != CHECKPOINT_VERSION or doc.get("files") != staged.fingerprint
-        except (ValueError, AttributeError):
-            fresh = True
-        if fresh:
-            # The input changed, or the checkpoint is unreadable: starting over is safe (idempotent writes).
+            claimed = doc.pop("sha256", None)
+            progress = _Progress.from_dict(doc.get("progress"))
+            if doc.get("version") != CHECKPOINT_VERSION:
+                problem = "it was written by another version"
+            elif claimed != _digest(doc):
+                problem = "it is not intact (its own digest does not match)"
+            elif doc.get("files") != staged.fingerprint:
+                problem = "the input's files changed (names or sizes)"
+            elif (progress.lines_done, progress.file_index, progress.file_line, progress.prefix_sha256) == (0, 0, 0, ""):
+                pass  # saved before any segment was done: it holds only counts of traffic and waits
+            elif not 0 <= progress.file_index < len(staged.files) or progress.file_line < 1:
+                problem = "its position is outside the input"
+            else:
+                done = self._prefix_hash(staged, progress)
+                if done.hexdigest() != progress.prefix_sha256:
+                    problem = "the lines it covers changed since it was written"
+                else:
+                    self._done_hash = done
+        except (ValueError, AttributeError, TypeError):
+            problem = "it is unreadable"
+        if problem is not None:
             self.log.warning(
-                "Ignoring checkpoint %s: it does not match the input; starting from the first line",
-                staged.checkpoint,
+                "Ignoring checkpoint %s: %s. Starting from the first line; writes are idempotent and "
+                "dead-letter parts are rewritten, so nothing is duplicated", staged.checkpoint, problem,
             )
             return None, segment_size
         # Segment boundaries name the dead-letter parts; keep them where the first try put them.
-        return _Progress.from_dict(doc.get("progress")), int(doc.get("segment_size") or segment_size)
+        return progress, int(doc.get("segment_size") or segment_size)
 
     def _save_checkpoint(self, staged: _Staged, progress: _Progress, segment_size: int) -> None:
         doc = {
@@ -610,6 +668,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             "segment_size": segment_size,
             "progress": asdict(progress),
         }
+        doc["sha256"] = _digest(doc)
         staged.checkpoint.write_text(json.dumps(doc, separators=(",", ":")))
 
     def _remove_stale_parts(self, folder: ObjectStoragePath, prefix: str) -> None:
@@ -632,6 +691,14 @@ class HubSpotWriteStatusesOperator(BaseOperator):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _digest(doc: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _file_marker(path: ObjectStoragePath) -> bytes:
+    return b"\x00file " + path.name.encode("utf-8", "replace") + b"\n"
 
 
 def _same(a: ObjectStoragePath, b: ObjectStoragePath) -> bool:

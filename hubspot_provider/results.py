@@ -1,0 +1,117 @@
+"""The results model: what happened to every input of a status write.
+
+One home for the accounting: :class:`FailedInput` (one input that did not land, with why) and
+:class:`WriteReport` (every input of a write: succeeded, superseded or failed). Reports are
+additive, so the reports of several calls (segments, tries) add up to the report of the whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+__all__ = ["FailedInput", "WriteReport", "INVALID_INPUT", "NO_RESULT", "UNCONFIRMED", "UNMAPPED_ERROR"]
+
+# Categories the hook assigns itself (HubSpot's own categories pass through unchanged).
+INVALID_INPUT = "INVALID_INPUT"
+"""Rejected before sending: the input is not a valid status (the message names the field)."""
+NO_RESULT = "NO_RESULT"
+"""HubSpot's answer held neither a result nor an error for the input."""
+UNMAPPED_ERROR = "UNMAPPED_ERROR"
+"""HubSpot reported errors it did not tie to an input, and none to this one."""
+UNCONFIRMED = "UNCONFIRMED"
+"""HubSpot's answer did not prove the write: a contradicting status, a batch not ``COMPLETE``, an
+answer that could not be read. Re-sending is safe."""
+
+RETRYABLE_CATEGORIES = frozenset({"RATE_LIMITS", NO_RESULT, UNMAPPED_ERROR, UNCONFIRMED})
+
+
+class FailedInput(BaseModel):
+    """One input that did not land, with why.
+
+    :param index: position of the input in the iterable given to ``write_statuses``.
+    :param input: the input, camelCase as sent to HubSpot (or as given, when it failed validation).
+    :param category: HubSpot's error category (``VALIDATION_ERROR``, ``OBJECT_NOT_FOUND``, …) or the
+        hook's own: ``INVALID_INPUT`` (rejected before sending), ``UNCONFIRMED``, ``NO_RESULT``,
+        ``UNMAPPED_ERROR``.
+    :param retryable: whether re-sending the same input later may succeed.
+    """
+
+    index: int | None = None
+    input: dict[str, Any]
+    category: str
+    message: str
+    retryable: bool = False
+    correlation_id: str | None = None
+
+
+class WriteReport(BaseModel):
+    """What happened to every input of one :meth:`HubSpotHook.write_statuses` call.
+
+    ``succeeded + superseded + failed_count == submitted`` always holds; ``failed`` lists the failed
+    inputs (unless the call was made with ``keep_failed=False``). ``reasons`` counts HubSpot's
+    ``setStatusSuccessReason`` over the successes (``NO_STATUS_CHANGE`` = already in that state).
+    ``unrequested_results`` counts results HubSpot returned for keys the batch never sent (never
+    counted as a success of anything).
+    """
+
+    submitted: int = 0
+    succeeded: int = 0
+    superseded: int = 0
+    failed_count: int = 0
+    failed: list[FailedInput] = Field(default_factory=list)
+    reasons: dict[str, int] = Field(default_factory=dict)
+    failed_by_category: dict[str, int] = Field(default_factory=dict)
+    unrequested_results: int = 0
+    batches: int = 0
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def changed(self) -> int:
+        """Successes that changed a status in HubSpot (everything but ``NO_STATUS_CHANGE``)."""
+        return self.succeeded - self.reasons.get("NO_STATUS_CHANGE", 0)
+
+    def add_failure(self, failure: FailedInput, *, keep: bool = True) -> None:
+        """Count one failed input (and keep it in ``failed`` when ``keep``)."""
+        self.submitted += 1
+        self.failed_count += 1
+        self.failed_by_category[failure.category] = self.failed_by_category.get(failure.category, 0) + 1
+        if keep:
+            self.failed.append(failure)
+
+    def add_success(self, reason: str | None) -> None:
+        """Count one input HubSpot confirmed, by its ``setStatusSuccessReason``."""
+        self.submitted += 1
+        self.succeeded += 1
+        name = reason or "UNKNOWN"
+        self.reasons[name] = self.reasons.get(name, 0) + 1
+
+    def add_superseded(self) -> None:
+        """Count one input replaced by a later input for the same status key."""
+        self.submitted += 1
+        self.superseded += 1
+
+    def __iadd__(self, other: WriteReport) -> WriteReport:
+        for name in ("submitted", "succeeded", "superseded", "failed_count", "unrequested_results", "batches",
+                     "requests", "retries", "rate_limited"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.elapsed_s = round(self.elapsed_s + other.elapsed_s, 3)
+        self.failed.extend(other.failed)
+        for mine, theirs in ((self.reasons, other.reasons), (self.failed_by_category, other.failed_by_category)):
+            for name, count in theirs.items():
+                mine[name] = mine.get(name, 0) + count
+        return self
+
+    def summary(self) -> str:
+        """One log line of counts (no personal data)."""
+        categories = ", ".join(f"{name} {count}" for name, count in sorted(self.failed_by_category.items()))
+        return (
+            f"{self.submitted} submitted: {self.succeeded} succeeded ({self.changed} changed), "
+            f"{self.superseded} superseded, {self.failed_count} failed{f' ({categories})' if categories else ''}; "
+            f"{self.requests} requests, {self.retries} retries, {self.rate_limited} rate-limited, "
+            f"{self.elapsed_s:.2f}s"
+        )
