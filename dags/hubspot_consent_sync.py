@@ -89,6 +89,14 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
             maximum=1,
             description="Largest share of the interval's events that may fail before the run fails.",
         ),
+        "max_unplaceable_rows": Param(
+            100,
+            type=["null", "integer"],
+            minimum=0,
+            description="Rows of the source whose occurred_at fits no data interval (NULL, unreadable, "
+            "impossible) that may exist before a run fails. They are listed by every run and belong to no "
+            "day's failure ratio; null: no limit.",
+        ),
         "later_events_win": Param(
             True,
             type="boolean",
@@ -152,6 +160,7 @@ def hubspot_consent_sync() -> None:
             validated,
             submitted,
             max_failed_ratio=params["max_failed_ratio"],
+            max_unplaceable_rows=params["max_unplaceable_rows"],
             alert=dead_letter_alert,
         )
 

@@ -136,8 +136,10 @@ def _print_summary(summary: dict, source_events: int) -> None:
         ("Data interval", f"[{summary['data_interval_start']}, {summary['data_interval_end']})"),
         ("Events read", f"{summary['rows_read']} rows (the table has {source_events}): "
                         f"{summary['events_in_interval']} in the interval, "
-                        f"{summary['outside_interval']} outside it, "
-                        f"{summary['unparseable']} without a usable timestamp"),
+                        f"{summary['outside_interval']} outside it"),
+        ("Unplaceable rows", f"{summary['unplaceable']} whose occurred_at fits no day (listed by every run, in "
+                             f"no day's failure ratio): {_relative(summary.get('unplaceable_uri'))}"
+                             if summary.get("unplaceable") else "none"),
         ("Latest per key", f"{summary['staged']} statuses ({summary['superseded']} older events superseded; "
                            f"{summary['superseded_later']} keys left to a later event), "
                            f"{summary['valid']} valid"),

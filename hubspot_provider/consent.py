@@ -7,7 +7,9 @@ A run keeps its files under ``<storage_uri>/<run id>/`` (any Airflow object-stor
 
     staged/events.jsonl          latest event per (email, subscription, EMAIL) in the data interval
     validated/statuses.jsonl     the staged events that pass PublicStatusRequest validation
-    dead-letters/*.jsonl         every event that did not land, with category and reason
+    dead-letters/*.jsonl         every event of the interval that did not land, with category and reason
+    unplaceable/part-extract.jsonl  rows whose occurred_at fits no data interval (NULL, unreadable,
+                                 impossible): listed by every run until fixed, in no day's failure ratio
     summary.json                 the run's counts (no records, no emails)
 
 Every file is rewritten, never appended to, so re-running an interval replaces what the previous
@@ -92,6 +94,10 @@ VALIDATED_FILE = "statuses.jsonl"
 DEAD_LETTER_FOLDER = "dead-letters"
 # The operator names its own parts part-<input name>-<line>.jsonl; these names never collide with them.
 EXTRACT_DEAD_LETTERS = "part-extract.jsonl"
+UNPLACEABLE_FOLDER = "unplaceable"
+UNPLACEABLE_FILE = "part-extract.jsonl"
+UNPLACEABLE = "UNPLACEABLE"
+"""Category of a row whose ``occurred_at`` cannot be placed in any data interval."""
 VALIDATE_DEAD_LETTERS = "part-validate.jsonl"
 SUMMARY_FILE = "summary.json"
 REPLAY_INPUT_FOLDER = "input"
@@ -281,13 +287,26 @@ def _short_repr(value: Any) -> str:
 
 
 def _json_scalar(value: Any) -> Any:
-    if value is None or isinstance(value, (str, int, float, bool)):
+    if isinstance(value, str):
+        # Text the database could not decode arrives with surrogate escapes (see _lenient_text).
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if _undecodable(value) else value
+    if value is None or isinstance(value, (int, float, bool)):
         return value
     if isinstance(value, Decimal):
         return int(value) if value == value.to_integral_value() else float(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value).decode("utf-8", errors="replace")
     return str(value)
+
+
+def _lenient_text(raw: bytes) -> str:
+    """SQLite text factory: bytes that are not UTF-8 survive as surrogate escapes, so one bad value
+    becomes that row's dead letter instead of an error that stops the whole extract."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _undecodable(value: Any) -> bool:
+    return isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value)
 
 
 def _subscription_id(value: Any) -> Any:
@@ -320,10 +339,26 @@ def _staged_input(
     return record
 
 
-def _status_key(record: Mapping[str, Any]) -> str:
-    email = record.get("subscriberIdString")
-    email = email.strip().lower() if isinstance(email, str) else repr(email)
-    return f"{email}\x1f{record.get('subscriptionId')!r}\x1fEMAIL"
+def _status_key(record: Mapping[str, Any]) -> str | None:
+    """The status key of a staged record, or ``None`` when its email or subscription id cannot form one.
+
+    Rows without a key (a NULL or non-text email, a subscription id that is not a whole number) are
+    invalid and never share a key: each becomes its own dead letter.
+    """
+    email, subscription_id = record.get("subscriberIdString"), record.get("subscriptionId")
+    if not isinstance(email, str) or not email.strip() or "\ufffd" in email:
+        return None
+    if not isinstance(subscription_id, int) or isinstance(subscription_id, bool):
+        return None
+    return f"{email.strip().lower()}\x1f{subscription_id}\x1fEMAIL"
+
+
+# occurred_at text a data interval can be found for by comparing text: a real calendar date first.
+_SQLITE_PLACEABLE = (
+    "(typeof(occurred_at) = 'text' AND occurred_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*' "
+    "AND substr(occurred_at, 1, 4) != '0000' "
+    "AND ifnull(date(substr(occurred_at, 1, 10), '+0 days'), '') = substr(occurred_at, 1, 10))"
+)
 
 
 def _source_query(
@@ -333,22 +368,30 @@ def _source_query(
     if conn_type == "sqlite":
         # SQLite keeps timestamps as text whose offsets vary, so text comparison cannot find the exact
         # interval. The window below is wide enough for any offset (local date within a day of the UTC
-        # date); the exact [start, end) filter is applied in Python. Text that does not start with a
-        # date can belong to no window: it is read by every run, so it surfaces as a dead letter until
-        # fixed at the source rather than never being seen.
+        # date); the exact [start, end) filter is applied in Python.
         low = (start - timedelta(days=1)).date().isoformat()
         high = ((end + timedelta(days=1)).date() + timedelta(days=1)).isoformat()
-        where = (
-            f"occurred_at IS NULL OR occurred_at NOT GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*' "
-            f"OR (occurred_at >= {placeholder} AND occurred_at < {placeholder})"
-        )
+        where = f"{_SQLITE_PLACEABLE} AND occurred_at >= {placeholder} AND occurred_at < {placeholder}"
         return f"SELECT {columns} FROM {table} WHERE {where}", [low, high]
     # Typed timestamp columns: a day of slack either side absorbs naive TIMESTAMP columns compared with
-    # an aware bound in the session's time zone; NULLs are read by every run for the reason above.
-    where = f"occurred_at IS NULL OR (occurred_at >= {placeholder} AND occurred_at < {placeholder})"
+    # an aware bound in the session's time zone.
+    where = f"occurred_at >= {placeholder} AND occurred_at < {placeholder}"
     return f"SELECT {columns} FROM {table} WHERE {where}", [
         start - timedelta(days=1), end + timedelta(days=1),
     ]
+
+
+def _unplaceable_query(table: str, conn_type: str) -> str:
+    """Rows no interval's query can find: NULL, and in SQLite any text that is not a real date first.
+
+    Every run reads them, so they are reported until fixed at the source, never silently unseen. (A
+    row that passes this test but still fails to parse, like ``2026-03-10 25:00``, is found by the
+    runs whose window holds its date.)
+    """
+    columns = ", ".join(SOURCE_COLUMNS)
+    if conn_type == "sqlite":
+        return f"SELECT {columns} FROM {table} WHERE occurred_at IS NULL OR NOT {_SQLITE_PLACEABLE}"
+    return f"SELECT {columns} FROM {table} WHERE occurred_at IS NULL"
 
 
 def _later_query(table: str, conn_type: str, placeholder: str, since: datetime) -> tuple[str, list[Any]]:
@@ -374,6 +417,8 @@ def _iter_source_rows(
     hook: Any, conn_type: str, sql: str, parameters: list[Any], fetch_size: int
 ) -> Iterator[tuple]:
     conn = hook.get_conn()
+    if isinstance(conn, sqlite3.Connection):
+        conn.text_factory = _lenient_text
     try:
         cursor = _open_cursor(conn, conn_type)
         try:
@@ -425,7 +470,9 @@ class _LatestPerKey:
         self._later: list[tuple[str, int]] = []
         self.added = 0
 
-    def add(self, key: str, moment: datetime, line: str) -> None:
+    def add(self, key: str | None, moment: datetime, line: str) -> None:
+        # A row without a key is never superseded, nor supersedes: it keeps a key of its own.
+        key = key if key is not None else f"\x00row {self.added}"
         self._pending.append((key, _epoch_us(moment), self.added, line))
         self.added += 1
         if len(self._pending) >= DEFAULT_FETCH_SIZE:
@@ -470,11 +517,10 @@ class _LatestPerKey:
         rows = _iter_source_rows(hook, conn_type, sql, parameters, fetch_size)
         for email, subscription_id, occurred_at in rows:
             moment = parse_occurred_at(occurred_at)
-            if moment is not None and moment >= since:
-                self.mark_later(_status_key({
-                    "subscriberIdString": _json_scalar(email),
-                    "subscriptionId": _subscription_id(subscription_id),
-                }), moment)
+            key = _status_key({"subscriberIdString": _json_scalar(email),
+                               "subscriptionId": _subscription_id(subscription_id)})
+            if moment is not None and moment >= since and key is not None:
+                self.mark_later(key, moment)
 
     def superseded_later(self) -> int:
         self._flush()
@@ -498,9 +544,16 @@ def extract_consent_events(
 
     Rows are streamed from the source (``fetchmany``, a server-side cursor on Postgres), filtered
     exactly on ``occurred_at`` in UTC, and reduced to the latest event per (lower-cased email,
-    subscription id, ``EMAIL``); a tie goes to the row read later. The result is written to
-    ``<run_uri>/staged/events.jsonl``; rows whose ``occurred_at`` is not a timestamp go to
-    ``<run_uri>/dead-letters/part-extract.jsonl`` (``INVALID_INPUT``), never dropped.
+    subscription id, ``EMAIL``); a tie goes to the row read later. Rows whose email or subscription id
+    cannot form a key never share one: each stays its own event (and its own dead letter). The result
+    is written to ``<run_uri>/staged/events.jsonl``.
+
+    Every row is accounted for. A row whose ``occurred_at`` fits no data interval (NULL, unreadable,
+    an impossible date like ``2026-02-30``) is *unplaceable*: every run reads such rows and lists them
+    in ``<run_uri>/unplaceable/part-extract.jsonl`` (category ``UNPLACEABLE``) until they are fixed
+    at the source; they count against no day's failure ratio. A row of the interval with a value that
+    is not valid UTF-8 becomes a dead letter in ``<run_uri>/dead-letters/part-extract.jsonl``; the
+    rest of the interval lands.
 
     A key the source changed again at or after ``data_interval_end`` is not staged: its later event
     decides HubSpot's status and is written by the run of its own interval. This is what makes a
@@ -527,9 +580,9 @@ def extract_consent_events(
     :param fetch_size: rows fetched per round trip.
     :param later_events_supersede: leave out keys with a later event in the source (default). ``False``
         stages the interval's latest events whatever happened since.
-    :return: counts and paths (XCom-safe): ``rows_read, in_interval, outside_interval, unparseable,
-        superseded, superseded_later, staged, staged_uri, run_uri, dead_letter_uri, data_interval_start,
-        data_interval_end``.
+    :return: counts and paths (XCom-safe): ``rows_read, in_interval, outside_interval, unplaceable,
+        undecodable, superseded, superseded_later, staged, staged_uri, run_uri, dead_letter_uri,
+        unplaceable_uri, data_interval_start, data_interval_end``.
     """
     table = check_identifier(source_table)
     start = _aware_utc(data_interval_start, "data_interval_start")
@@ -546,32 +599,52 @@ def extract_consent_events(
     placeholder = getattr(hook, "placeholder", "%s") or "%s"
     sql, parameters = _source_query(table, conn_type, placeholder, start, end)
 
-    counts = {"rows_read": 0, "in_interval": 0, "outside_interval": 0, "unparseable": 0}
+    unplaceable_file = run / UNPLACEABLE_FOLDER / UNPLACEABLE_FILE
+    counts = {"rows_read": 0, "in_interval": 0, "outside_interval": 0, "unplaceable": 0, "undecodable": 0}
     with tempfile.TemporaryDirectory(prefix="hubspot-consent-") as scratch_dir:
         latest = _LatestPerKey(scratch_dir)
         try:
-            with _LazyJsonl(dead_letters / EXTRACT_DEAD_LETTERS) as unparseable:
-                for row in _iter_source_rows(hook, conn_type, sql, parameters, fetch_size):
+            with (
+                _LazyJsonl(dead_letters / EXTRACT_DEAD_LETTERS) as undecodable,
+                _LazyJsonl(unplaceable_file) as unplaceable,
+            ):
+                def take(row: tuple) -> None:
                     counts["rows_read"] += 1
                     email, subscription_id, status, legal_basis, explanation, occurred_at = row
                     record = _staged_input(email, subscription_id, status, legal_basis, explanation)
                     moment = parse_occurred_at(occurred_at)
                     if moment is None:
-                        unparseable.write(_dead_letter(
-                            record,
-                            f"occurred_at {_short_repr(occurred_at)} is not a timestamp (ISO-8601 with "
-                            "an offset, or 'YYYY-MM-DD HH:MM:SS' in UTC), so the event cannot be placed in "
-                            "a data interval; fix it at the source",
-                            None,
+                        unplaceable.write(dead_letter(
+                            record, UNPLACEABLE,
+                            f"occurred_at {_short_repr(_json_scalar(occurred_at))} is not a real point in time "
+                            "(ISO-8601 with an offset, or 'YYYY-MM-DD HH:MM:SS' in UTC), so the event belongs to "
+                            "no data interval and was not synced. Every run lists it until it is fixed at the "
+                            "source",
+                            False, None,
                         ))
-                        continue
+                        return
                     if not start <= moment < end:
                         counts["outside_interval"] += 1
-                        continue
+                        return
                     counts["in_interval"] += 1
+                    bad = [name for name, value in zip(SOURCE_COLUMNS, row) if _undecodable(value)]
+                    if bad:
+                        undecodable.write(dead_letter(
+                            record, INVALID_INPUT,
+                            f"{', '.join(bad)}: not valid UTF-8 in the source (shown with U+FFFD where bytes "
+                            "could not be read); fix the row at the source",
+                            False, _iso_z(moment),
+                        ))
+                        return
                     line = _dumps({"input": record, "occurredAt": _iso_z(moment)})
                     latest.add(_status_key(record), moment, line)
-            counts["unparseable"] = unparseable.count
+
+                for row in _iter_source_rows(hook, conn_type, sql, parameters, fetch_size):
+                    take(row)
+                for row in _iter_source_rows(hook, conn_type, _unplaceable_query(table, conn_type), [],
+                                             fetch_size):
+                    take(row)
+            counts["unplaceable"], counts["undecodable"] = unplaceable.count, undecodable.count
             if later_events_supersede and latest.added:
                 latest.mark_changed_since(hook, conn_type, table, placeholder, end, fetch_size)
             superseded_later = latest.superseded_later()
@@ -583,22 +656,29 @@ def extract_consent_events(
 
     result = {
         **counts,
-        "superseded": counts["in_interval"] - staged - superseded_later,
+        "superseded": counts["in_interval"] - counts["undecodable"] - staged - superseded_later,
         "superseded_later": superseded_later,
         "staged": staged,
         "staged_uri": str(staged_file),
         "run_uri": str(run),
         "dead_letter_uri": str(dead_letters),
+        "unplaceable_uri": str(unplaceable_file) if counts["unplaceable"] else None,
         "data_interval_start": start.isoformat(),
         "data_interval_end": end.isoformat(),
     }
+    if counts["unplaceable"]:
+        log.warning(
+            "%d rows of %s have an occurred_at that fits no data interval (NULL, unreadable or impossible); "
+            "they were not synced and are listed in %s. Fix them at the source",
+            counts["unplaceable"], table, unplaceable_file,
+        )
     log.info(
-        "Extracted [%s, %s) from %s: %d rows read, %d in the interval, %d outside, %d with unparseable "
-        "occurred_at, %d superseded by a later event of the interval, %d keys left to the later event the "
+        "Extracted [%s, %s) from %s: %d rows read, %d in the interval, %d outside, %d unplaceable, %d not "
+        "valid UTF-8, %d superseded by a later event of the interval, %d keys left to the later event the "
         "source has for them after the interval, %d staged",
         start.isoformat(), end.isoformat(), table, result["rows_read"], result["in_interval"],
-        result["outside_interval"], result["unparseable"], result["superseded"], result["superseded_later"],
-        result["staged"],
+        result["outside_interval"], result["unplaceable"], result["undecodable"], result["superseded"],
+        result["superseded_later"], result["staged"],
     )
     return result
 
@@ -671,8 +751,12 @@ def validate_staged_events(
 def has_failures(
     extracted: Mapping[str, Any], validated: Mapping[str, Any], submitted: Mapping[str, Any]
 ) -> bool:
-    """Whether any event of the run failed: unparseable timestamp, invalid input, or rejected by HubSpot."""
-    return bool(extracted.get("unparseable") or validated.get("invalid") or submitted.get("failed"))
+    """Whether the run has anything to report: an event that failed (undecodable, invalid, rejected by
+    HubSpot) or rows of the source that fit no interval."""
+    return bool(
+        extracted.get("undecodable") or extracted.get("unplaceable") or validated.get("invalid")
+        or submitted.get("failed")
+    )
 
 
 def count_dead_letters(folder: str | ObjectStoragePath) -> dict[str, Any]:
@@ -709,14 +793,15 @@ def run_totals(
 ) -> dict[str, Any]:
     """The run's counts in one flat dict (what ``summary.json`` and the demo show).
 
-    ``failed`` counts every event that did not land: unparseable timestamps, invalid input and
-    HubSpot's rejections; ``failed_by_category`` merges the three.
+    ``failed`` counts every event of the interval that did not land: undecodable rows, invalid input and
+    HubSpot's rejections; ``failed_by_category`` merges the three. ``unplaceable`` rows belong to no
+    interval and are counted apart.
     """
     submitted = submitted or {}
     by_category: dict[str, int] = {}
     for name, count in (submitted.get("failed_by_category") or {}).items():
         by_category[name] = by_category.get(name, 0) + int(count)
-    local_invalid = int(extracted.get("unparseable", 0)) + int(validated.get("invalid", 0))
+    local_invalid = int(extracted.get("undecodable", 0)) + int(validated.get("invalid", 0))
     if local_invalid:
         by_category[INVALID_INPUT] = by_category.get(INVALID_INPUT, 0) + local_invalid
     failed = local_invalid + int(submitted.get("failed", 0))
@@ -728,11 +813,12 @@ def run_totals(
         "outside_interval": extracted.get("outside_interval", 0),
         "superseded": int(extracted.get("superseded", 0)) + int(submitted.get("superseded", 0)),
         "superseded_later": extracted.get("superseded_later", 0),
-        "unparseable": extracted.get("unparseable", 0),
+        "unplaceable": extracted.get("unplaceable", 0),
+        "unplaceable_uri": extracted.get("unplaceable_uri"),
         "staged": extracted.get("staged", 0),
         "invalid": validated.get("invalid", 0),
         "valid": validated.get("valid", 0),
-        "inputs": int(extracted.get("staged", 0)) + int(extracted.get("unparseable", 0)),
+        "inputs": int(extracted.get("staged", 0)) + int(extracted.get("undecodable", 0)),
         "submitted": submitted.get("submitted", 0),
         "succeeded": submitted.get("succeeded", 0),
         "changed": submitted.get("changed", 0),
@@ -758,15 +844,25 @@ def _write_summary(totals: Mapping[str, Any]) -> None:
         path.write_text(json.dumps(dict(totals), indent=2, sort_keys=True) + "\n")
 
 
+def categories_in_words(by_category: Mapping[str, int] | None) -> str:
+    """``{"OBJECT_NOT_FOUND": 12, "INVALID_INPUT": 3}`` as ``INVALID_INPUT 3, OBJECT_NOT_FOUND 12``."""
+    return ", ".join(f"{name} {count}" for name, count in sorted((by_category or {}).items()))
+
+
 def _describe(totals: Mapping[str, Any]) -> str:
-    return (
+    failed = f"{totals['failed']} failed"
+    if totals.get("failed_by_category"):
+        failed += f": {categories_in_words(totals['failed_by_category'])}"
+    text = (
         f"{totals['events_in_interval']} events in "
         f"[{totals['data_interval_start']}, {totals['data_interval_end']}) "
         f"-> {totals['inputs']} statuses ({totals['superseded']} superseded, "
         f"{totals['superseded_later']} left to later events): {totals['succeeded']} written "
-        f"({totals['changed']} changed, {totals['unchanged']} unchanged), {totals['failed']} failed "
-        f"{totals['failed_by_category'] or ''}"
-    ).rstrip(" {}")
+        f"({totals['changed']} changed, {totals['unchanged']} unchanged), {failed}"
+    )
+    if totals.get("unplaceable"):
+        text += f"; {totals['unplaceable']} unplaceable rows of the source (no interval) in {totals['unplaceable_uri']}"
+    return text
 
 
 def report_run(
@@ -779,14 +875,24 @@ def report_run(
     return totals
 
 
-def apply_failure_policy(totals: Mapping[str, Any], max_failed_ratio: float) -> None:
-    """Fail (without retries) when more than ``max_failed_ratio`` of the run's inputs failed.
+def apply_failure_policy(
+    totals: Mapping[str, Any], max_failed_ratio: float, max_unplaceable_rows: int | None = None
+) -> None:
+    """Fail (without retries) when more than ``max_failed_ratio`` of the run's inputs failed, or the
+    source holds more than ``max_unplaceable_rows`` rows that fit no interval (``None``: no limit).
 
     :raises AirflowFailException: naming the counts, the categories and where the dead letters are.
     """
+    unplaceable = int(totals.get("unplaceable") or 0)
+    if max_unplaceable_rows is not None and unplaceable > int(max_unplaceable_rows):
+        raise AirflowFailException(
+            f"The source holds {unplaceable} rows whose occurred_at fits no data interval, more than "
+            f"max_unplaceable_rows={int(max_unplaceable_rows)}. They are listed in {totals.get('unplaceable_uri')}; "
+            "fix their occurred_at at the source (or raise the limit)"
+        )
     inputs, failed = int(totals.get("inputs") or 0), int(totals.get("failed") or 0)
     if inputs and failed / inputs > float(max_failed_ratio):
-        categories = ", ".join(f"{k}={v}" for k, v in (totals.get("failed_by_category") or {}).items())
+        categories = categories_in_words(totals.get("failed_by_category"))
         raise AirflowFailException(
             f"{failed} of {inputs} consent events failed ({failed / inputs:.1%}, above max_failed_ratio "
             f"{float(max_failed_ratio):.1%}): {categories}. Dead letters: {totals.get('dead_letter_uri')}. "
@@ -799,12 +905,15 @@ def _alert(summary: Mapping[str, Any], alert: Callable[[dict[str, Any]], Any] | 
     failed_task = ""
     if summary.get("failed_task"):
         failed_task = f"task {summary['failed_task']} failed ({summary.get('error')}); "
+    by_category = categories_in_words(summary.get("failed_by_category"))
     log.warning(
-        "HubSpot consent sync: %s%d dead letters %s in %s",
+        "HubSpot consent sync: %s%d dead letters%s in %s%s",
         failed_task,
         summary.get("dead_letters", 0),
-        summary.get("failed_by_category") or {},
+        f" ({by_category})" if by_category else "",
         summary.get("dead_letter_uri"),
+        f"; {summary['unplaceable']} unplaceable rows in {summary.get('unplaceable_uri')}"
+        if summary.get("unplaceable") else "",
     )
     if alert is not None:
         alert(dict(summary))
@@ -816,6 +925,7 @@ def summarise_run(
     submitted: Mapping[str, Any],
     *,
     max_failed_ratio: float,
+    max_unplaceable_rows: int | None = None,
     alert: Callable[[dict[str, Any]], Any] | None = None,
 ) -> dict[str, Any]:
     """The outcome with failures: count the dead letters by category, alert, then apply the failure policy.
@@ -824,6 +934,7 @@ def summarise_run(
     Slack or e-mail notifier. The summary holds counts and paths only, never records or emails.
 
     :param max_failed_ratio: share of the run's inputs allowed to fail before the task fails.
+    :param max_unplaceable_rows: rows fitting no interval the source may hold before the task fails.
     :param alert: optional callable receiving the summary dict.
     :raises AirflowFailException: after alerting, when the failure ratio is above ``max_failed_ratio``.
     """
@@ -834,7 +945,7 @@ def summarise_run(
     _write_summary(totals)
     log.info("HubSpot consent sync: %s", _describe(totals))
     _alert(totals, alert)
-    apply_failure_policy(totals, max_failed_ratio)
+    apply_failure_policy(totals, max_failed_ratio, max_unplaceable_rows)
     return totals
 
 

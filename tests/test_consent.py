@@ -135,7 +135,7 @@ def test_extract_keeps_exactly_the_interval_with_offsets_and_naive_utc_text(sour
     }
     assert counts["rows_read"] == 10  # the SQL window left out the far-away row
     assert (counts["in_interval"], counts["outside_interval"], counts["staged"]) == (6, 4, 6)
-    assert counts["unparseable"] == 0
+    assert counts["unplaceable"] == 0
     assert staged(run)[0] == {
         "input": {"subscriberIdString": "start@example.com", "subscriptionId": 1001,
                   "statusState": "SUBSCRIBED", "channel": "EMAIL"},
@@ -200,7 +200,7 @@ def test_keys_the_source_changed_after_the_interval_are_left_to_their_later_even
     assert (counts["in_interval"], counts["superseded"], counts["superseded_later"], counts["staged"]) == (
         9, 1, 4, 4
     )
-    assert counts["unparseable"] == 1  # eve's "soon" is a dead letter of this run, as before
+    assert counts["unplaceable"] == 1  # eve's "soon" is listed by this run, as by every run
 
     everything = extract(run, later_events_supersede=False)
     assert (everything["superseded_later"], everything["staged"]) == (0, 8)
@@ -214,23 +214,55 @@ def test_the_later_event_check_is_a_second_streamed_query():
     assert sql.endswith("WHERE occurred_at >= ?") and parameters == ["2026-03-10"]
 
 
-def test_unparseable_timestamps_become_dead_letters_never_dropped(source, run):
-    source([
-        event("ok@example.com", "2026-03-10 10:00:00"),
-        event("garbage@example.com", "yesterday"),
-        event("null@example.com", None),
-        event("hour@example.com", "2026-03-10 25:00:00"),
-        event("us-style@example.com", "10/03/2026 10:00"),
-    ])
-    counts = extract(run)
-    letters = read_jsonl(run / "dead-letters" / "part-extract.jsonl")
-    assert counts["unparseable"] == 4 and counts["staged"] == 1
-    assert {d["input"]["subscriberIdString"] for d in letters} == {
-        "garbage@example.com", "null@example.com", "hour@example.com", "us-style@example.com",
+def test_unplaceable_rows_are_listed_by_every_run_never_dropped(source, run):
+    bad = {
+        "garbage@example.com": "yesterday",
+        "null@example.com": None,
+        "hour@example.com": "2026-03-10 25:00:00",  # the right day, an impossible hour
+        "us-style@example.com": "10/03/2026 10:00",
+        "feb30@example.com": "2026-02-30 10:00:00",  # looks like a date: no run's window held it before
+        "month13@example.com": "2026-13-45 10:00:00",
+        "year0@example.com": "0000-03-10 10:00:00",
+        "blank@example.com": "",
     }
-    assert all(d["category"] == "INVALID_INPUT" and d["retryable"] is False for d in letters)
-    assert all("occurred_at" in d["message"] and "fix it at the source" in d["message"] for d in letters)
+    source([event("ok@example.com", "2026-03-10 10:00:00")] + [event(e, t) for e, t in bad.items()])
+    counts = extract(run)
+    letters = read_jsonl(run / "unplaceable" / "part-extract.jsonl")
+    assert counts["unplaceable"] == 8 and counts["staged"] == 1
+    assert counts["undecodable"] == 0 and not (run / "dead-letters" / "part-extract.jsonl").exists()
+    assert {d["input"]["subscriberIdString"] for d in letters} == set(bad)
+    assert all(d["category"] == "UNPLACEABLE" and d["retryable"] is False for d in letters)
+    assert all("occurred_at" in d["message"] and "fixed at the source" in d["message"] for d in letters)
     assert any("'yesterday'" in d["message"] for d in letters)
+    # A run of another day lists them too (except the impossible hour, which only the runs whose
+    # window holds its date can find), and a day with no events of its own stays quiet otherwise.
+    other = extract(run, start=START + timedelta(days=40), end=END + timedelta(days=40))
+    assert other["unplaceable"] == 7 and other["in_interval"] == 0 and other["staged"] == 0
+
+
+def test_rows_without_a_key_never_share_one(source, run):
+    source([event(None, "2026-03-10 10:00:00"), event(None, "2026-03-10 11:00:00"),
+            event(None, "2026-03-10 12:00:00"), event("ok@example.com", "2026-03-10 10:00:00")])
+    counts = extract(run)
+    assert (counts["in_interval"], counts["superseded"], counts["staged"]) == (4, 0, 4)
+    validated = consent.validate_staged_events(run.as_uri())
+    assert (validated["valid"], validated["invalid"]) == (1, 3)
+    letters = read_jsonl(run / "dead-letters" / "part-validate.jsonl")
+    assert len(letters) == 3 and all("subscriberIdString" in d["message"] for d in letters)
+
+
+def test_a_value_that_is_not_utf8_is_that_rows_dead_letter(source, run):
+    db = source([event("ok@example.com", "2026-03-10 10:00:00"), event("ok2@example.com", "2026-03-10 11:00:00")])
+    conn = sqlite3.connect(db)
+    conn.execute("INSERT INTO consent_events VALUES (CAST(? AS TEXT), 1001, 'SUBSCRIBED', NULL, NULL, "
+                 "'2026-03-10 12:00:00')", (b"bad\xff\xfe@example.com",))
+    conn.commit()
+    conn.close()
+    counts = extract(run)
+    assert (counts["in_interval"], counts["undecodable"], counts["staged"], counts["superseded"]) == (3, 1, 2, 0)
+    (letter,) = read_jsonl(run / "dead-letters" / "part-extract.jsonl")
+    assert letter["category"] == "INVALID_INPUT" and "email: not valid UTF-8" in letter["message"]
+    assert letter["input"]["subscriberIdString"] == "bad\ufffd\ufffd@example.com"
 
 
 def test_rerunning_an_interval_rewrites_its_files(source, run):
@@ -239,10 +271,10 @@ def test_rerunning_an_interval_rewrites_its_files(source, run):
     first = extract(run)
     again = extract(run)
     assert first == again
-    assert len(staged(run)) == 1 and len(read_jsonl(run / "dead-letters" / "part-extract.jsonl")) == 1
-    source(rows[:1])  # fixed at the source: the stale dead letter goes away
-    assert extract(run)["unparseable"] == 0
-    assert not (run / "dead-letters" / "part-extract.jsonl").exists()
+    assert len(staged(run)) == 1 and len(read_jsonl(run / "unplaceable" / "part-extract.jsonl")) == 1
+    source(rows[:1])  # fixed at the source: the stale list goes away
+    assert extract(run)["unplaceable"] == 0
+    assert not (run / "unplaceable" / "part-extract.jsonl").exists()
 
 
 def test_extract_streams_the_source_in_chunks(source, run, monkeypatch):
@@ -280,8 +312,9 @@ def test_extract_streams_the_source_in_chunks(source, run, monkeypatch):
     monkeypatch.setattr(consent, "_source_hook", lambda conn_id: (Hook(), "sqlite"))
     counts = extract(run, fetch_size=40)
     assert counts["staged"] == 250
-    # The interval, then the events after it (the SQLite window starts a day early), both streamed.
-    assert fetches == ([40] * 6 + [10, 0]) * 2
+    # The interval, the rows no interval can find (none here), then the events after the interval (the
+    # SQLite window starts a day early), all streamed.
+    assert fetches == [40] * 6 + [10, 0] + [0] + [40] * 6 + [10, 0]
 
 
 def test_typed_timestamp_sources_are_filtered_in_sql_with_a_day_of_slack():
@@ -289,8 +322,10 @@ def test_typed_timestamp_sources_are_filtered_in_sql_with_a_day_of_slack():
     assert sql.startswith(
         "SELECT email, subscription_id, status, legal_basis, legal_basis_explanation, occurred_at FROM"
     )
-    assert "occurred_at IS NULL OR (occurred_at >= %s AND occurred_at < %s)" in sql
+    assert sql.endswith("WHERE occurred_at >= %s AND occurred_at < %s")
     assert parameters == [START - timedelta(days=1), END + timedelta(days=1)]
+    # NULLs fit no interval: every run reads them, in a query of their own.
+    assert consent._unplaceable_query("consent_events", "postgres").endswith("WHERE occurred_at IS NULL")
 
 
 def test_extract_refuses_a_table_name_that_is_not_an_identifier(source, run):
@@ -394,7 +429,8 @@ def test_count_dead_letters_reads_every_part(tmp_path):
     assert consent.count_dead_letters((tmp_path / "none").as_uri())["total"] == 0
 
 
-EXTRACTED = {"rows_read": 12, "in_interval": 10, "outside_interval": 2, "unparseable": 1, "superseded": 2,
+EXTRACTED = {"rows_read": 13, "in_interval": 10, "outside_interval": 2, "undecodable": 1, "unplaceable": 1,
+             "superseded": 1,
              "staged": 8, "run_uri": "file:///r", "dead_letter_uri": "file:///r/dead-letters",
              "data_interval_start": START.isoformat(), "data_interval_end": END.isoformat()}
 VALIDATED = {"valid": 7, "invalid": 1, "validated_uri": "file:///r/validated",
@@ -408,17 +444,24 @@ def test_run_totals_merge_the_failures_of_every_step():
     assert (totals["inputs"], totals["failed"], totals["succeeded"], totals["changed"]) == (9, 3, 6, 4)
     assert totals["failed_by_category"] == {"INVALID_INPUT": 2, "OBJECT_NOT_FOUND": 1}
     assert consent.has_failures(EXTRACTED, VALIDATED, SUBMITTED)
-    assert not consent.has_failures({**EXTRACTED, "unparseable": 0}, {**VALIDATED, "invalid": 0},
+    assert consent.has_failures({**EXTRACTED, "undecodable": 0}, {**VALIDATED, "invalid": 0},
+                                {**SUBMITTED, "failed": 0})  # unplaceable rows are reported too
+    assert not consent.has_failures({**EXTRACTED, "undecodable": 0, "unplaceable": 0}, {**VALIDATED, "invalid": 0},
                                     {**SUBMITTED, "failed": 0})
 
 
 def test_failure_policy_counts_the_whole_run():
     totals = consent.run_totals(EXTRACTED, VALIDATED, SUBMITTED)  # 3 of 9 failed
     consent.apply_failure_policy(totals, 0.34)
-    expected = r"3 of 9 consent events failed .*INVALID_INPUT=2, OBJECT_NOT_FOUND=1"
+    expected = r"3 of 9 consent events failed .*INVALID_INPUT 2, OBJECT_NOT_FOUND 1"
     with pytest.raises(AirflowFailException, match=expected):
         consent.apply_failure_policy(totals, 0.25)
     consent.apply_failure_policy({**totals, "inputs": 0, "failed": 0}, 0.0)
+    # Unplaceable rows are in no ratio; only their own limit fails a run.
+    quiet = {**totals, "inputs": 0, "failed": 0, "unplaceable": 23}
+    consent.apply_failure_policy(quiet, 0.0, max_unplaceable_rows=23)
+    with pytest.raises(AirflowFailException, match="23 rows whose occurred_at fits no data interval"):
+        consent.apply_failure_policy(quiet, 0.0, max_unplaceable_rows=22)
 
 
 def test_summarise_alerts_with_counts_only_then_applies_the_policy(tmp_path):
@@ -426,7 +469,7 @@ def test_summarise_alerts_with_counts_only_then_applies_the_policy(tmp_path):
     write_letters(run / "dead-letters" / "part-validate.jsonl",
                   [("secret@example.com", "INVALID_INPUT", False)])
     extracted = {**EXTRACTED, "run_uri": run.as_uri(), "dead_letter_uri": (run / "dead-letters").as_uri(),
-                 "unparseable": 0}
+                 "undecodable": 0, "unplaceable": 0}
     validated = {**VALIDATED, "dead_letter_uri": (run / "dead-letters").as_uri()}
     alerts: list[dict] = []
     totals = consent.summarise_run(extracted, validated, {**SUBMITTED, "failed": 0, "failed_by_category": {}},

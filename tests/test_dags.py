@@ -82,6 +82,7 @@ def test_consent_sync_shape(sync_dag):
         "storage_uri": None,
         "batch_size": 100,
         "max_failed_ratio": 0.25,
+        "max_unplaceable_rows": 100,
         "later_events_win": True,
     }
     from airflow.sdk.exceptions import ParamValidationError
@@ -292,7 +293,7 @@ def test_bad_rows_take_the_summarise_branch_and_a_rerun_is_a_harmless_replay(
     dr, states = run_dag(sync_dag, {"storage_uri": storage.as_uri()}, run_after=run_after)
 
     assert states == WITH_FAILURES
-    assert str(dr.state) == "success"  # 5 of 45 failed: under max_failed_ratio
+    assert str(dr.state) == "success"  # 4 of 44 failed: under max_failed_ratio
     assert hubspot_state(emulator) == expected_latest(good)
     folder = run_files(storage, dr)
     dead = letters(folder / "dead-letters")
@@ -300,13 +301,15 @@ def test_bad_rows_take_the_summarise_branch_and_a_rerun_is_a_harmless_replay(
     assert by_email == {
         "not-an-email": "INVALID_INPUT",
         "lower@example.com": "INVALID_INPUT",
-        "when@example.com": "INVALID_INPUT",
         "unknown-sub@example.com": "OBJECT_NOT_FOUND",
         "unknown-sub2@example.com": "OBJECT_NOT_FOUND",
     }
+    # The event with no readable time belongs to no day: listed apart, in no day's failure ratio.
+    assert [d["input"]["subscriberIdString"] for d in letters(folder / "unplaceable")] == ["when@example.com"]
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["failed_by_category"] == {"INVALID_INPUT": 3, "OBJECT_NOT_FOUND": 2}
-    assert summary["dead_letters"] == 5 and summary["dead_letter_uri"] == (folder / "dead-letters").as_uri()
+    assert summary["failed_by_category"] == {"INVALID_INPUT": 2, "OBJECT_NOT_FOUND": 2}
+    assert summary["unplaceable"] == 1 and summary["inputs"] == 44
+    assert summary["dead_letters"] == 4 and summary["dead_letter_uri"] == (folder / "dead-letters").as_uri()
     first_state = emulator.statuses
     first_files = sorted(p.name for p in (folder / "dead-letters").iterdir())
 
@@ -317,7 +320,7 @@ def test_bad_rows_take_the_summarise_branch_and_a_rerun_is_a_harmless_replay(
     assert sorted(p.name for p in (folder / "dead-letters").iterdir()) == first_files
     assert sorted(map(json.dumps, letters(folder / "dead-letters"))) == sorted(map(json.dumps, dead))
     again = json.loads((folder / "summary.json").read_text())
-    assert (again["changed"], again["unchanged"], again["dead_letters"]) == (0, 40, 5)
+    assert (again["changed"], again["unchanged"], again["dead_letters"]) == (0, 40, 4)
 
     # Replay: one retryable dead letter (an answer HubSpot never gave) next to the permanent failures,
     # and a stale one from the day before, for a contact whose later events the source holds.
@@ -343,10 +346,56 @@ def test_bad_rows_take_the_summarise_branch_and_a_rerun_is_a_harmless_replay(
     assert emulator.status_of("user0@example.com", 1001)["status"] == current  # the stale letter was left out
     replay = folder / f"replay-{consent.safe_run_id(rdr.run_id)}"
     replay_summary = json.loads((replay / "summary.json").read_text())
-    assert (replay_summary["selected"], replay_summary["skipped"], replay_summary["succeeded"]) == (1, 5, 1)
+    assert (replay_summary["selected"], replay_summary["skipped"], replay_summary["succeeded"]) == (1, 4, 1)
     assert replay_summary["superseded_later"] == 1
     assert letters(replay / "dead-letters") == []
-    assert len(letters(folder / "dead-letters")) == 7  # the originals are left as they were
+    assert len(letters(folder / "dead-letters")) == 6  # the originals are left as they were
+
+
+def test_every_row_is_accounted_for_once_and_quiet_days_stay_green(
+    airflow_db, sync_dag, hubspot_emulator_factory, hubspot_conn, consent_source, storage
+):
+    import sqlite3
+
+    emulator = hubspot_emulator_factory()
+    hubspot_conn(emulator)
+    good = day_events(20)
+    null_emails = [(None, 1001, "SUBSCRIBED", None, None, f"2026-03-10 0{h}:00:00") for h in (1, 2, 3)]
+    unplaceable = {"2026-02-30 10:00:00", "2026-13-45 10:00:00", "0000-03-10 10:00:00", "yesterday", None}
+    strays = [(f"stray{i}@example.com", 1001, "SUBSCRIBED", None, None, when) for i, when in enumerate(unplaceable)]
+    db = consent_source(good + null_emails + strays)
+    conn = sqlite3.connect(db)
+    conn.execute("INSERT INTO consent_events VALUES (CAST(? AS TEXT), 1001, 'SUBSCRIBED', NULL, NULL, "
+                 "'2026-03-10 08:00:00')", (b"caf\xe9@example.com",))  # Latin-1, not UTF-8
+    conn.commit()
+    conn.close()
+
+    dr, states = run_dag(sync_dag, {"storage_uri": storage.as_uri()})
+
+    assert states == WITH_FAILURES and str(dr.state) == "success"
+    assert hubspot_state(emulator) == expected_latest(good)  # the good rows landed
+    folder = run_files(storage, dr)
+    dead = letters(folder / "dead-letters")
+    assert len(dead) == 4  # three NULL emails are three dead letters, plus the undecodable one
+    assert sum(d["input"]["subscriberIdString"] is None for d in dead) == 3
+    assert any("not valid UTF-8" in d["message"] for d in dead)
+    listed = letters(folder / "unplaceable")
+    assert {d["input"]["subscriberIdString"] for d in listed} == {r[0] for r in strays}
+    summary = json.loads((folder / "summary.json").read_text())
+    assert (summary["inputs"], summary["succeeded"], summary["failed"], summary["unplaceable"]) == (24, 20, 4, 5)
+    assert summary["superseded"] == 40
+
+    # A quiet day a month later: no events of its own, the same unplaceable rows. Green, not "100% failed".
+    quiet_dr, quiet_states = run_dag(sync_dag, {"storage_uri": storage.as_uri()},
+                                     logical_date=LOGICAL_DATE + timedelta(days=30))
+    assert str(quiet_dr.state) == "success", quiet_states
+    quiet = json.loads((run_files(storage, quiet_dr) / "summary.json").read_text())
+    assert (quiet["inputs"], quiet["failed"], quiet["unplaceable"]) == (0, 0, 5)
+
+    # More unplaceable rows than the limit allows fail the run, naming where they are listed.
+    limited_dr, limited_states = run_dag(sync_dag, {"storage_uri": storage.as_uri(), "max_unplaceable_rows": 4},
+                                         logical_date=LOGICAL_DATE + timedelta(days=31))
+    assert str(limited_dr.state) == "failed" and limited_states["summarise_dead_letters"] == "failed"
 
 
 def test_flaky_hubspot_loses_nothing(
