@@ -97,6 +97,18 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
             "impossible) that may exist before a run fails. They are listed by every run and belong to no "
             "day's failure ratio; null: no limit.",
         ),
+        "audit_conn_id": Param(
+            None,
+            type=["null", "string"],
+            description="Optional SQL connection the ledger (an audit record of every write) is also "
+            "appended to; the files under <run>/audit/ are always written.",
+        ),
+        "audit_table": Param(
+            "hubspot_consent_ledger",
+            type="string",
+            pattern=consent.IDENTIFIER_PATTERN,
+            description="The ledger table on audit_conn_id (DDL in the README).",
+        ),
         "later_events_win": Param(
             True,
             type="boolean",
@@ -109,7 +121,9 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
     doc_md=__doc__,
 )
 def hubspot_consent_sync() -> None:
-    @task
+    # Every task returns one small summary: multiple_outputs=False stops Airflow inferring it from the
+    # dict annotation and fanning each summary out into one XCom row per key.
+    @task(multiple_outputs=False)
     def extract(
         params: dict[str, Any] | None = None,
         run_id: str | None = None,
@@ -126,7 +140,7 @@ def hubspot_consent_sync() -> None:
             later_events_supersede=params["later_events_win"],
         )
 
-    @task(multiple_outputs=True)
+    @task(multiple_outputs=False)
     def validate(extracted: dict[str, Any]) -> dict[str, Any]:
         """Keep what HubSpot would accept; the rest becomes INVALID_INPUT dead letters."""
         return consent.validate_staged_events(extracted["run_uri"])
@@ -140,14 +154,14 @@ def hubspot_consent_sync() -> None:
             return "summarise_dead_letters"
         return "report"
 
-    @task
+    @task(multiple_outputs=False)
     def report(
         extracted: dict[str, Any], validated: dict[str, Any], submitted: dict[str, Any]
     ) -> dict[str, Any]:
         """Log the run's counts and write its summary.json."""
         return consent.report_run(extracted, validated, submitted)
 
-    @task
+    @task(multiple_outputs=False)
     def summarise_dead_letters(
         extracted: dict[str, Any],
         validated: dict[str, Any],
@@ -168,8 +182,11 @@ def hubspot_consent_sync() -> None:
     validated = validate(extracted)
     submit = HubSpotWriteStatusesOperator(
         task_id="submit",
-        input_uri=validated["validated_uri"],
-        dead_letter_uri=validated["dead_letter_uri"],
+        input_uri="{{ ti.xcom_pull(task_ids='validate')['validated_uri'] }}",
+        dead_letter_uri="{{ ti.xcom_pull(task_ids='validate')['dead_letter_uri'] }}",
+        ledger_uri="{{ ti.xcom_pull(task_ids='validate')['ledger_uri'] }}",
+        audit_conn_id="{{ params.audit_conn_id or '' }}",
+        audit_table="{{ params.audit_table }}",
         hubspot_conn_id="{{ params.hubspot_conn_id }}",
         batch_size="{{ params.batch_size }}",
         # The run's failure policy counts invalid rows too, so it is applied after the alert, in
@@ -179,6 +196,7 @@ def hubspot_consent_sync() -> None:
         pool=consent.HUBSPOT_POOL,
         on_failure_callback=consent.dead_letter_failure_callback(alert=dead_letter_alert),
     )
+    validated >> submit
     submitted = submit.output
     outcome = branch_on_outcome(extracted, validated, submitted)
     outcome >> [

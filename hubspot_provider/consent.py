@@ -10,6 +10,7 @@ A run keeps its files under ``<storage_uri>/<run id>/`` (any Airflow object-stor
     dead-letters/*.jsonl         every event of the interval that did not land, with category and reason
     unplaceable/part-extract.jsonl  rows whose occurred_at fits no data interval (NULL, unreadable,
                                  impossible): listed by every run until fixed, in no day's failure ratio
+    audit/*.jsonl                the ledger: one audit record per status sent (personal data)
     summary.json                 the run's counts (no records, no emails)
 
 Every file is rewritten, never appended to, so re-running an interval replaces what the previous
@@ -100,6 +101,7 @@ UNPLACEABLE = "UNPLACEABLE"
 """Category of a row whose ``occurred_at`` cannot be placed in any data interval."""
 VALIDATE_DEAD_LETTERS = "part-validate.jsonl"
 SUMMARY_FILE = "summary.json"
+LEDGER_FOLDER = "audit"
 REPLAY_INPUT_FOLDER = "input"
 REPLAY_INPUT_FILE = "dead-letters.jsonl"
 
@@ -698,7 +700,8 @@ def validate_staged_events(
 
     :param run_uri: the run's folder, as returned in :func:`extract_consent_events`'s ``run_uri``.
     :param require_legal_basis: reject events without ``legal_basis`` and its explanation (GDPR portals).
-    :return: counts and paths: ``valid, invalid, validated_uri, dead_letter_uri``.
+    :return: counts and paths: ``valid, invalid, validated_uri, dead_letter_uri, ledger_uri`` (where
+        the write step keeps the ledger).
     """
     run = ObjectStoragePath(str(run_uri))
     staged_file = run / STAGED_FOLDER / STAGED_FILE
@@ -737,6 +740,7 @@ def validate_staged_events(
         "invalid": bad.count,
         "validated_uri": str(validated),
         "dead_letter_uri": str(dead_letters),
+        "ledger_uri": str(run / LEDGER_FOLDER),
     }
     log.info(
         "Validated %d staged events: %d valid, %d invalid (dead letters in %s)",
@@ -828,6 +832,8 @@ def run_totals(
         "dead_letters": (dead_letters or {}).get("total", failed),
         "dead_letter_uri": (dead_letters or {}).get("dead_letter_uri") or validated.get("dead_letter_uri"),
         "run_uri": extracted.get("run_uri"),
+        "ledger_uri": submitted.get("ledger_uri"),
+        "ledger_records": submitted.get("ledger_records", 0),
         "requests": submitted.get("requests", 0),
         "retries": submitted.get("retries", 0),
         "rate_limited": submitted.get("rate_limited", 0),

@@ -7,11 +7,13 @@ additive, so the reports of several calls (segments, tries) add up to the report
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-__all__ = ["FailedInput", "WriteReport", "INVALID_INPUT", "NO_RESULT", "UNCONFIRMED", "UNMAPPED_ERROR"]
+__all__ = ["FailedInput", "InputOutcome", "WriteReport", "INVALID_INPUT", "NO_RESULT", "UNCONFIRMED", "UNMAPPED_ERROR"]
 
 # Categories the hook assigns itself (HubSpot's own categories pass through unchanged).
 INVALID_INPUT = "INVALID_INPUT"
@@ -44,6 +46,33 @@ class FailedInput(BaseModel):
     message: str
     retryable: bool = False
     correlation_id: str | None = None
+
+
+@dataclass(frozen=True)
+class InputOutcome:
+    """What happened to one input that was sent to HubSpot: the stuff of an audit record.
+
+    :param index: position of the input in the iterable given to ``write_statuses``.
+    :param input: the input as sent (camelCase wire form).
+    :param sent_at: when the request that carried it was first sent (aware UTC).
+    :param attempts: requests that carried it (retries and bisection included).
+    :param correlation_id: HubSpot's ``X-HubSpot-Correlation-Id`` of the answer.
+    :param result: HubSpot's confirmed status (a :class:`~hubspot_provider.models.PublicStatus`) when
+        it succeeded, else ``None``.
+    :param failure: why it failed, when it did.
+    """
+
+    index: int
+    input: dict[str, Any]
+    sent_at: datetime | None
+    attempts: int | None
+    correlation_id: str | None
+    result: Any = None
+    failure: FailedInput | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.failure is None
 
 
 class WriteReport(BaseModel):

@@ -83,6 +83,8 @@ def test_consent_sync_shape(sync_dag):
         "batch_size": 100,
         "max_failed_ratio": 0.25,
         "max_unplaceable_rows": 100,
+        "audit_conn_id": None,
+        "audit_table": "hubspot_consent_ledger",
         "later_events_win": True,
     }
     from airflow.sdk.exceptions import ParamValidationError
@@ -213,6 +215,10 @@ def storage(tmp_path):
 def run_dag(
     dag, conf: dict, *, logical_date: datetime | None = LOGICAL_DATE, run_after: datetime | None = None
 ):
+    # dag.test() writes run_conf into the (module-shared) DAG's params, so a param one test sets would
+    # leak into the next test's runs: every run states the params the tests vary.
+    if dag.dag_id == "hubspot_consent_sync":
+        conf = {"audit_conn_id": None, "max_unplaceable_rows": 100, "batch_size": 100, **conf}
     dr = dag.test(logical_date=logical_date, run_after=run_after, run_conf=conf)
     return dr, {ti.task_id: str(ti.state) for ti in dr.get_task_instances()}
 
@@ -240,14 +246,22 @@ def xcom_values(dr) -> list:
 
 
 def test_clean_day_takes_the_report_branch(
-    airflow_db, sync_dag, hubspot_emulator_factory, hubspot_conn, consent_source, storage
+    airflow_db, sync_dag, hubspot_emulator_factory, hubspot_conn, consent_source, storage, tmp_path, monkeypatch
 ):
+    import sqlite3
+
+    from hubspot_provider.ledger import LEDGER_DDL
+
     emulator = hubspot_emulator_factory()
     hubspot_conn(emulator)
     rows = day_events(60)
     consent_source(rows)
+    audit_db = tmp_path / "audit.db"
+    with sqlite3.connect(audit_db) as db:
+        db.execute(LEDGER_DDL)
+    monkeypatch.setenv("AIRFLOW_CONN_AUDIT_DB", json.dumps({"conn_type": "sqlite", "host": str(audit_db)}))
 
-    dr, states = run_dag(sync_dag, {"storage_uri": storage.as_uri(), "batch_size": 25})
+    dr, states = run_dag(sync_dag, {"storage_uri": storage.as_uri(), "batch_size": 25, "audit_conn_id": "audit_db"})
 
     assert states == CLEAN
     assert str(dr.state) == "success"
@@ -260,8 +274,20 @@ def test_clean_day_takes_the_report_branch(
     assert summary["changed"] == 60 and summary["superseded"] == 120 and summary["outside_interval"] == 120
     assert letters(folder / "dead-letters") == []
     assert not (folder / "validated" / "_checkpoint.json").exists()
-    # XCom carries paths and counts only.
+    # XCom carries paths and counts only, one small summary per task.
     assert "@example.com" not in json.dumps(xcom_values(dr), default=str).lower()
+    assert len(xcom_values(dr)) <= len(TASKS)
+    # The ledger: one audit record per status written, with HubSpot's answer and the run that wrote it.
+    ledger = letters(folder / "audit")
+    assert len(ledger) == summary["ledger_records"] == 60
+    assert {(r["subscriberIdString"].lower(), r["subscriptionId"], r["channel"]) for r in ledger} == set(
+        expected_latest(rows))  # the email as sent, case kept
+    assert all(r["outcome"] == "SUCCEEDED" and r["correlationId"] and r["runId"] == dr.run_id for r in ledger)
+    assert all(r["confirmedStatus"] == r["statusState"] and r["occurredAt"].startswith("2026-03-10") for r in ledger)
+    assert {r["dataIntervalStart"] for r in ledger} == {"2026-03-10T00:00:00Z"}
+    with sqlite3.connect(audit_db) as db:
+        assert db.execute("SELECT count(*), count(DISTINCT correlation_id) FROM hubspot_consent_ledger").fetchone() == (
+            60, summary["requests"])
 
     # A day without events is a clean, empty run that sends nothing.
     requests_before = len(emulator.requests)

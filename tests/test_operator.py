@@ -17,8 +17,8 @@ from hubspot_provider.operators import HubSpotWriteStatusesOperator
 OCCURRED_AT = "2024-05-01T12:00:00Z"
 SUMMARY_KEYS = {
     "submitted", "succeeded", "changed", "unchanged", "superseded", "failed", "skipped", "failed_by_category",
-    "reasons", "dead_letter_uri", "dead_letter_files", "requests", "retries", "rate_limited", "deferrals",
-    "elapsed_s", "records_per_s",
+    "reasons", "dead_letter_uri", "dead_letter_files", "ledger_uri", "ledger_records", "requests", "retries",
+    "rate_limited", "deferrals", "elapsed_s", "records_per_s",
 }
 
 
@@ -86,7 +86,8 @@ def test_exactly_one_input_source_is_required():
     with pytest.raises(ValueError, match="max_failed_ratio"):
         operator(inputs=rows(1), max_failed_ratio=1.5)
     op = operator(inputs=rows(1))
-    assert op.template_fields == ("inputs", "input_uri", "dead_letter_uri", "hubspot_conn_id", "batch_size")
+    assert op.template_fields == ("inputs", "input_uri", "dead_letter_uri", "hubspot_conn_id", "batch_size",
+                                  "ledger_uri", "audit_conn_id", "audit_table")
 
 
 # --------------------------------------------------------------------------- inline input
@@ -347,6 +348,66 @@ def test_a_new_try_resumes_from_the_checkpoint_after_hubspot_stays_unavailable(
     assert len(emulator.statuses) == 60
     assert (summary["submitted"], summary["succeeded"]) == (60, 60)
     assert summary["requests"] == 14 and summary["retries"] == 1
+
+
+def test_the_ledger_records_every_status_sent_with_hubspots_answer(emulator, conn, tmp_path, monkeypatch):
+    import sqlite3
+
+    from hubspot_provider.ledger import LEDGER_DDL, LEDGER_FIELDS
+
+    audit_db = tmp_path / "audit.db"
+    with sqlite3.connect(audit_db) as db:
+        db.execute(LEDGER_DDL)
+    monkeypatch.setenv("AIRFLOW_CONN_AUDIT_DB", json.dumps({"conn_type": "sqlite", "host": str(audit_db)}))
+    inputs = rows(12)
+    inputs[3] = {**inputs[3], "subscriberIdString": "not-an-email"}  # never sent: no ledger record
+    inputs[7] = {**inputs[7], "subscriptionId": 424242}  # sent, rejected by HubSpot: a FAILED record
+    inputs[5] = {**inputs[5], "legalBasis": "CONSENT_WITH_NOTICE", "legalBasisExplanation": "Form on /join"}
+    uri = staged(tmp_path / "run" / "staged" / "events.jsonl", inputs)
+    context = {"run_id": "scheduled__2026-03-10", "data_interval_start": datetime(2026, 3, 10, tzinfo=timezone.utc),
+               "data_interval_end": datetime(2026, 3, 11, tzinfo=timezone.utc)}
+
+    summary = operator(input_uri=uri, batch_size=5, segment_size=6, audit_conn_id="audit_db").execute(context)
+
+    ledger = tmp_path / "run" / "staged" / "audit"
+    records = [json.loads(line) for part in sorted(ledger.glob("part-*.jsonl")) for line in part.read_text().splitlines()]
+    assert summary["ledger_records"] == len(records) == 11 and summary["ledger_uri"] == ledger.as_uri()
+    assert all(list(r) == list(LEDGER_FIELDS) for r in records)
+    by_email = {r["subscriberIdString"]: r for r in records}
+    assert "not-an-email" not in by_email
+    ok = by_email["user5@example.com"]
+    assert ok["outcome"] == "SUCCEEDED" and ok["confirmedStatus"] == "SUBSCRIBED"
+    assert ok["setStatusSuccessReason"] == "REQUESTED_CHANGE_OCCURRED"
+    assert (ok["legalBasis"], ok["legalBasisExplanation"]) == ("CONSENT_WITH_NOTICE", "Form on /join")
+    assert ok["occurredAt"] == OCCURRED_AT and ok["attempts"] == 1 and ok["sentAt"].endswith("Z")
+    def instant(text):
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+    assert instant(ok["hubspotTimestamp"]) == instant(emulator.status_of("user5@example.com", 1001)["timestamp"])
+    assert ok["hubspotSource"] and ok["correlationId"]
+    assert (ok["runId"], ok["dataIntervalStart"]) == ("scheduled__2026-03-10", "2026-03-10T00:00:00Z")
+    failed = by_email["user7@example.com"]
+    assert (failed["outcome"], failed["failureCategory"], failed["confirmedStatus"]) == (
+        "FAILED", "OBJECT_NOT_FOUND", None)
+    # HubSpot's correlation id of the request that carried each record: one per request.
+    assert len({r["correlationId"] for r in records}) == len(emulator.requests) == 3
+
+    # The same records in SQL, where "every write for this contact" is one query.
+    with sqlite3.connect(audit_db) as db:
+        assert db.execute("SELECT count(*) FROM hubspot_consent_ledger").fetchone() == (11,)
+        history = db.execute(
+            "SELECT sent_at, status_state, legal_basis, outcome, confirmed_status, correlation_id "
+            "FROM hubspot_consent_ledger WHERE lower(subscriber_id_string) = lower(?) ORDER BY sent_at",
+            ("USER5@example.com",),
+        ).fetchall()
+    assert len(history) == 1 and history[0][1:5] == ("SUBSCRIBED", "CONSENT_WITH_NOTICE", "SUCCEEDED", "SUBSCRIBED")
+
+    # A re-run rewrites the part files (and appends to SQL: both writes really happened).
+    operator(input_uri=uri, batch_size=5, segment_size=6, audit_conn_id="audit_db").execute(context)
+    again = [json.loads(line) for part in sorted(ledger.glob("part-*.jsonl")) for line in part.read_text().splitlines()]
+    assert len(again) == 11 and {r["setStatusSuccessReason"] for r in again} == {"NO_STATUS_CHANGE", None}
+    with sqlite3.connect(audit_db) as db:
+        assert db.execute("SELECT count(*) FROM hubspot_consent_ledger").fetchone() == (22,)
 
 
 def _interrupted_after_20_of_60(emulator, hubspot_conn, tmp_path) -> tuple[str, Path]:

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
@@ -25,6 +26,7 @@ from hubspot_provider.exceptions import HubSpotError, HubSpotResponseError
 from hubspot_provider.hooks._transport import HubSpotResponse, Redactor, Stats, Transport
 from hubspot_provider.models import (
     BatchResponsePublicStatus,
+    PublicStatus,
     PublicStatusRequest,
     StandardError,
     StatusKey,
@@ -37,6 +39,7 @@ from hubspot_provider.results import (
     UNCONFIRMED,
     UNMAPPED_ERROR,
     FailedInput,
+    InputOutcome,
     WriteReport,
 )
 
@@ -59,9 +62,17 @@ class _Item:
 
 
 @dataclass
+class _Sent:
+    at: Any
+    attempts: int | None
+    correlation_id: str | None
+
+
+@dataclass
 class _BatchResult:
-    succeeded: list[tuple[int, str | None]] = field(default_factory=list)
-    failed: list[FailedInput] = field(default_factory=list)
+    # Each outcome with the send that decided it (the ledger's "when, how many attempts, which answer").
+    succeeded: list[tuple[_Item, PublicStatus, _Sent]] = field(default_factory=list)
+    failed: list[tuple[FailedInput, _Sent | None]] = field(default_factory=list)
     unrequested: int = 0
 
     def extend(self, other: _BatchResult) -> _BatchResult:
@@ -108,6 +119,7 @@ class BatchWriter:
         batch_size: int,
         on_failed: Callable[[FailedInput], None] | None,
         keep_failed: bool,
+        on_outcome: Callable[[InputOutcome], None] | None = None,
     ) -> WriteReport:
         started = time.monotonic()
         report = WriteReport()
@@ -121,10 +133,16 @@ class BatchWriter:
         def absorb(result: _BatchResult) -> None:
             report.batches += 1
             report.unrequested_results += result.unrequested
-            for _, reason in result.succeeded:
-                report.add_success(reason)
-            for failure in result.failed:
+            for item, status, sent in result.succeeded:
+                report.add_success(_value(status.set_status_success_reason))
+                if on_outcome is not None:
+                    on_outcome(InputOutcome(item.index, item.wire, sent.at, sent.attempts, sent.correlation_id,
+                                            result=status))
+            for failure, sent in result.failed:
                 fail(failure)
+                if on_outcome is not None and sent is not None:
+                    on_outcome(InputOutcome(failure.index or 0, failure.input, sent.at, sent.attempts,
+                                            sent.correlation_id, failure=failure))
 
         in_flight: dict[Future[_BatchResult], list[_Item]] = {}
         key_owner: dict[StatusKey, Future[_BatchResult]] = {}
@@ -198,17 +216,27 @@ class BatchWriter:
 
     # ------------------------------------------------------------------ one batch
 
-    def _write_batch(self, items: list[_Item], stats: Stats) -> _BatchResult:
-        """Send one batch; on HubSpot's whole-batch 400, bisect to isolate the inputs it rejects."""
+    def _write_batch(self, items: list[_Item], stats: Stats, earlier: _Sent | None = None) -> _BatchResult:
+        """Send one batch; on HubSpot's whole-batch 400, bisect to isolate the inputs it rejects.
+
+        ``earlier`` is the send of the larger batch this one was split from (its time and attempts count).
+        """
+        started = datetime.now(timezone.utc)
         try:
             answer = self.transport.call(
                 "POST", self.path, stats, json_body={"inputs": [item.wire for item in items]},
                 accept_400=True, scopes=WRITE_SCOPE,
             )
         except HubSpotResponseError as exc:
-            return self._unconfirmed(items, str(exc), exc.correlation_id)
+            sent = _Sent(earlier.at if earlier else started, None, self.redact(exc.correlation_id))
+            return self._unconfirmed(items, str(exc), sent)
+        sent = _Sent(
+            earlier.at if earlier else answer.sent_at,
+            answer.attempts + ((earlier.attempts or 0) if earlier else 0),
+            self.redact(answer.correlation_id),
+        )
         if answer.status_code == 400:
-            return self._rejected(items, answer, stats)
+            return self._rejected(items, answer, stats, sent)
         try:
             parsed = BatchResponsePublicStatus.model_validate_json(answer.content)
         except ValidationError as exc:
@@ -216,42 +244,42 @@ class BatchWriter:
                 items,
                 f"HubSpot's answer (HTTP {answer.status_code}) is not a batch response "
                 f"({describe_validation_error(exc)}); re-sending is safe",
-                answer.correlation_id,
+                sent,
             )
-        return self._verify(items, parsed, answer.correlation_id)
+        return self._verify(items, parsed, sent)
 
-    def _rejected(self, items: list[_Item], answer: HubSpotResponse, stats: Stats) -> _BatchResult:
+    def _rejected(self, items: list[_Item], answer: HubSpotResponse, stats: Stats, sent: _Sent) -> _BatchResult:
         error = answer.hubspot_error()
         assert error is not None  # the transport returns only HubSpot's own 400s
         correlation_id = self.redact(error.correlation_id or answer.correlation_id)
         if len(items) == 1:
             item = items[0]
-            return _BatchResult(failed=[FailedInput(
+            return _BatchResult(failed=[(FailedInput(
                 index=item.index, input=item.wire, category=self.redact(error.category) or "VALIDATION_ERROR",
                 message=self.redact(f"HubSpot rejected this input: {error.message or 'HTTP 400'}"),
-                retryable=False, correlation_id=correlation_id)])
+                retryable=False, correlation_id=correlation_id), sent)])
         self.log.info("HubSpot rejected a batch of %d (400); splitting it to isolate the bad input(s)", len(items))
         middle = len(items) // 2
-        return self._write_batch(items[:middle], stats).extend(self._write_batch(items[middle:], stats))
+        return self._write_batch(items[:middle], stats, sent).extend(self._write_batch(items[middle:], stats, sent))
 
-    def _unconfirmed(self, items: list[_Item], message: str, correlation_id: str | None) -> _BatchResult:
+    def _unconfirmed(self, items: list[_Item], message: str, sent: _Sent) -> _BatchResult:
         return _BatchResult(failed=[
-            FailedInput(index=item.index, input=item.wire, category=UNCONFIRMED, message=self.redact(message),
-                        retryable=True, correlation_id=self.redact(correlation_id))
+            (FailedInput(index=item.index, input=item.wire, category=UNCONFIRMED, message=self.redact(message),
+                         retryable=True, correlation_id=sent.correlation_id), sent)
             for item in items
         ])
 
     # ------------------------------------------------------------------ verifying the answer
 
-    def _verify(self, items: list[_Item], parsed: BatchResponsePublicStatus, correlation_id: str | None) -> _BatchResult:
-        correlation_id = self.redact(correlation_id)
+    def _verify(self, items: list[_Item], parsed: BatchResponsePublicStatus, sent: _Sent) -> _BatchResult:
+        correlation_id = sent.correlation_id
         batch_status = _value(parsed.status)
         if batch_status not in _COMPLETE:
             return self._unconfirmed(
                 items,
                 f"HubSpot reported the batch {str(batch_status)[:40]}, not COMPLETE, so none of its writes is "
                 "confirmed; re-sending is safe",
-                correlation_id,
+                sent,
             )
         remaining: dict[StatusKey, _Item] = {item.key: item for item in items}
         result = _BatchResult()
@@ -263,16 +291,16 @@ class BatchWriter:
             reason = _value(status.set_status_success_reason)
             got, wanted = _value(status.status), item.wire["statusState"]
             if got == wanted:
-                result.succeeded.append((item.index, reason))
+                result.succeeded.append((item, status, sent))
                 continue
-            result.failed.append(FailedInput(
+            result.failed.append((FailedInput(
                 index=item.index, input=item.wire, category=UNCONFIRMED,
                 message=self.redact(
                     f"HubSpot answered status {str(got)[:40]} for this subscription, not the requested {wanted} "
                     f"(setStatusSuccessReason {str(reason)[:60]}, source {str(status.source)[:60]}); the write is "
                     "not confirmed. Check the contact in HubSpot, then replay"
                 ),
-                retryable=True, correlation_id=correlation_id))
+                retryable=True, correlation_id=correlation_id), sent))
         unmapped: list[StandardError] = []
         for error in parsed.errors:
             keys = [k for k in _error_keys(error, remaining) if k in remaining]
@@ -281,10 +309,10 @@ class BatchWriter:
             for key in keys:
                 item = remaining.pop(key)
                 category = self.redact(error.category) or "UNKNOWN"
-                result.failed.append(FailedInput(
+                result.failed.append((FailedInput(
                     index=item.index, input=item.wire, category=category,
                     message=self.redact(error.message or f"HubSpot reported {category} for this input"),
-                    retryable=category in RETRYABLE_CATEGORIES, correlation_id=correlation_id))
+                    retryable=category in RETRYABLE_CATEGORIES, correlation_id=correlation_id), sent))
         for item in remaining.values():
             if unmapped:
                 categories = sorted({e.category or "UNKNOWN" for e in unmapped})
@@ -302,7 +330,7 @@ class BatchWriter:
                     message=f"HubSpot's response (batch {str(batch_status)[:40]}) had no result or error for this "
                     "input; re-sending it is safe",
                     retryable=True, correlation_id=correlation_id)
-            result.failed.append(failure)
+            result.failed.append((failure, sent))
         return result
 
 

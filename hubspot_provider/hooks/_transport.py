@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlparse
@@ -227,11 +227,15 @@ class HubSpotResponse:
     :param status_code: the HTTP status.
     :param headers: the response headers (case-insensitive).
     :param content: the body, at most ``max_response_bytes`` long.
+    :param attempts: requests it took to get this answer (1 plus retries).
+    :param sent_at: when the first of them was sent (aware UTC).
     """
 
     status_code: int
     headers: Mapping[str, str]
     content: bytes
+    attempts: int = 1
+    sent_at: datetime | None = None
 
     @property
     def correlation_id(self) -> str | None:
@@ -290,6 +294,7 @@ class _Transient(Exception):
 
 @dataclass
 class _Attempts:
+    count: int = 0
     refreshed_after_401: bool = False
 
 
@@ -378,8 +383,10 @@ class Transport:
             body, content_type = None, None
         attempts = _Attempts()
         budget_ends = time.monotonic() + self.retry_budget_s
+        sent_at = datetime.now(timezone.utc)
 
         def attempt() -> HubSpotResponse:
+            attempts.count += 1
             left = budget_ends - time.monotonic()
             if left <= 0:
                 raise _Transient("the retry budget is used up")
@@ -405,7 +412,7 @@ class Transport:
             reraise=True,
         )
         try:
-            return retrying(attempt)
+            return replace(retrying(attempt), attempts=attempts.count, sent_at=sent_at)
         except _Transient as exc:
             raise self.redact.scrub(HubSpotUnavailableError(
                 f"HubSpot stayed unavailable after {stats.retries} retries within the {self.retry_budget_s:.0f}s "

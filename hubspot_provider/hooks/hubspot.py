@@ -45,7 +45,7 @@ from hubspot_provider.models import (
     SubscriptionDefinition,
     describe_validation_error,
 )
-from hubspot_provider.results import INVALID_INPUT, FailedInput, WriteReport
+from hubspot_provider.results import INVALID_INPUT, FailedInput, InputOutcome, WriteReport
 
 __all__ = ["FailedInput", "HubSpotHook", "HubSpotResponse", "WriteReport", "INVALID_INPUT", "SCOPES"]
 
@@ -525,6 +525,7 @@ class HubSpotHook(BaseHook):
         batch_size: int | None = None,
         on_failed: Callable[[FailedInput], None] | None = None,
         keep_failed: bool = True,
+        on_outcome: Callable[[InputOutcome], None] | None = None,
     ) -> WriteReport:
         """Write subscription statuses, in batches, and account for every input.
 
@@ -560,6 +561,9 @@ class HubSpotHook(BaseHook):
             stream dead letters to a file).
         :param keep_failed: keep failed inputs in ``report.failed`` (set ``False`` for huge runs
             that stream failures through ``on_failed``).
+        :param on_outcome: called with an :class:`~hubspot_provider.results.InputOutcome` for every input
+            that was sent, succeeded or failed: when, in how many attempts, and what HubSpot answered
+            (the operator's ledger is built from these).
         """
         size = batch_size or self.batch_size  # checks every setting before any input is read
         if not 1 <= size <= 1000:
@@ -568,4 +572,5 @@ class HubSpotHook(BaseHook):
             transport=self._transport, path=f"{self.api_base_path}/statuses/batch/write", validate=self.validate,
             max_concurrency=self.max_concurrency, redact=self.redact, log=self.log,
         )
-        return writer.write(inputs, batch_size=size, on_failed=on_failed, keep_failed=keep_failed)
+        return writer.write(inputs, batch_size=size, on_failed=on_failed, keep_failed=keep_failed,
+                            on_outcome=on_outcome)

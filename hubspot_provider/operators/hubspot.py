@@ -34,7 +34,8 @@ from hubspot_provider.exceptions import (
     HubSpotUnavailableError,
 )
 from hubspot_provider.hooks.hubspot import HubSpotHook
-from hubspot_provider.results import INVALID_INPUT, FailedInput, WriteReport
+from hubspot_provider.ledger import SqlLedger, ledger_record
+from hubspot_provider.results import INVALID_INPUT, FailedInput, InputOutcome, WriteReport
 from hubspot_provider.models import PublicStatusRequest
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ __all__ = ["HubSpotWriteStatusesOperator"]
 
 CHECKPOINT_VERSION = 2
 DEAD_LETTER_FOLDER = "dead-letters"
+LEDGER_FOLDER = "audit"
 FOLDER_CHECKPOINT = "_checkpoint.json"
 FILE_CHECKPOINT_SUFFIX = ".checkpoint.json"
 SEGMENT_BATCHES = 20
@@ -79,6 +81,7 @@ class _Progress:
     stalled_waits: int = 0
     segment_size: int = 0  # set once a rate-limit stop shrank the segments (0: the configured size)
     dead_letter_files: int = 0
+    ledger_records: int = 0
     elapsed_s: float = 0.0
     prefix_sha256: str = ""  # digest of every staged line up to the last one done
 
@@ -211,6 +214,12 @@ class HubSpotWriteStatusesOperator(BaseOperator):
     :param deferrable: defer (free the worker slot) while a rate limit resets.
     :param max_wait_s: longest rate-limit wait the hook sleeps through before raising for deferral.
     :param segment_size: lines per checkpointed segment (default ``batch_size * 20``).
+    :param ledger_uri: folder for the ledger's part files: one audit record per status sent (see
+        :mod:`hubspot_provider.ledger`). Default for staged input: an ``audit/`` folder beside the
+        dead-letter folder; for inline input, none unless given. Templated.
+    :param audit_conn_id: optional SQL connection (common-sql) the ledger is also appended to; empty
+        or ``None`` for files only. Templated.
+    :param audit_table: that connection's ledger table (see :data:`hubspot_provider.ledger.LEDGER_DDL`).
     """
 
     template_fields: Sequence[str] = (
@@ -219,6 +228,9 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         "dead_letter_uri",
         "hubspot_conn_id",
         "batch_size",
+        "ledger_uri",
+        "audit_conn_id",
+        "audit_table",
     )
     ui_color = "#ff7a59"
 
@@ -237,6 +249,9 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         max_wait_s: float = 120,
         segment_size: int | None = None,
+        ledger_uri: str | None = None,
+        audit_conn_id: str | None = None,
+        audit_table: str = "hubspot_consent_ledger",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -260,7 +275,13 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         self.deferrable = deferrable
         self.max_wait_s = max_wait_s
         self.segment_size = segment_size
+        self.ledger_uri = ledger_uri
+        self.audit_conn_id = audit_conn_id
+        self.audit_table = audit_table
         self._rendered_inputs: list[Any] | None = None
+        self._ledger: ObjectStoragePath | None = None
+        self._sql_ledger: SqlLedger | None = None
+        self._ledger_context: dict[str, Any] = {}
 
     def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
         """Render the templates, then keep inline inputs out of Airflow's rendered-template view.
@@ -329,10 +350,12 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             if self.dead_letter_uri:
                 dead_letters = ObjectStoragePath(str(self.dead_letter_uri).strip())
         prefix = self._part_prefix(staged)
+        self._open_ledger(context, dead_letters)
         if progress is None:
             progress = _Progress()
-            if dead_letters is not None:
-                self._remove_stale_parts(dead_letters, prefix)
+            for folder in (dead_letters, self._ledger):
+                if folder is not None:
+                    self._remove_stale_parts(folder, prefix)
         else:
             if progress.segment_size:
                 segment_size = progress.segment_size
@@ -341,6 +364,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             self.log.info("Resuming after %d lines (%d segments) already written", progress.lines_done,
                           progress.segments)
 
+        total = self._count_lines(staged) if staged is not None else len(self._inline_items())
         mark = time.monotonic()
 
         def save() -> None:
@@ -360,6 +384,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
                         self._done_hash = self._reading_hash.copy()
                         progress.prefix_sha256 = self._done_hash.hexdigest()
                     save()
+                    self.log.info("%s", _progress_line(progress, total))
                 break
             except HubSpotRateLimitError as exc:
                 progress.add_traffic(exc.partial_report)
@@ -408,7 +433,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         summary = self._summary(progress, dead_letters)
         if not progress.submitted and not progress.skipped:
             self.log.warning("No input to write: %s holds no lines", self.input_uri or "inputs")
-        self.log.info("HubSpot status sync: %s", json.dumps(summary, sort_keys=True))
+        self.log.info("HubSpot status sync done:\n%s", _summary_lines(summary))
         self._apply_failure_policy(summary, context)
         return summary
 
@@ -448,7 +473,16 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             (r.line, dead_letter(r.value, INVALID_INPUT, r.error or "not valid JSON", False, None))
             for r in segment if r.kind == "invalid"
         ]
-        report = self.hook.write_statuses((r.value for r in sendable), batch_size=self._batch_size)
+        audit: list[tuple[int, dict[str, Any]]] = []
+
+        def record_outcome(outcome: InputOutcome) -> None:
+            record = sendable[outcome.index]
+            audit.append((record.line, ledger_record(outcome, occurred_at=record.occurred_at, **self._ledger_context)))
+
+        report = self.hook.write_statuses(
+            (r.value for r in sendable), batch_size=self._batch_size,
+            on_outcome=record_outcome if (self._ledger is not None or self._sql_ledger is not None) else None,
+        )
         for failure in report.failed:
             record = sendable[failure.index or 0]
             letters.append((record.line, _dead_letter_from(failure, record.occurred_at)))
@@ -456,9 +490,16 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         progress.add_unsendable(sum(1 for r in segment if r.kind == "invalid"))
         progress.skipped += sum(1 for r in segment if r.kind == "skip")
         last = segment[-1]
+        part = f"{prefix}{segment[0].line:0{_LINE_DIGITS}d}.jsonl"
         if letters and dead_letters is not None:
-            self._write_part(dead_letters, f"{prefix}{segment[0].line:0{_LINE_DIGITS}d}.jsonl", letters)
+            self._write_part(dead_letters, part, letters)
             progress.dead_letter_files += 1
+        if audit:
+            if self._ledger is not None:
+                self._write_part(self._ledger, part, audit)
+            if self._sql_ledger is not None:
+                self._sql_ledger.append(record for _, record in sorted(audit, key=lambda pair: pair[0]))
+            progress.ledger_records += len(audit)
         progress.lines_done = last.line
         progress.file_index, progress.file_line = last.file_index, last.file_line
         progress.segments += 1
@@ -495,12 +536,29 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             "reasons": dict(sorted(progress.reasons.items())),
             "dead_letter_uri": str(dead_letters) if written else None,
             "dead_letter_files": progress.dead_letter_files,
+            "ledger_uri": str(self._ledger) if self._ledger is not None and progress.ledger_records else None,
+            "ledger_records": progress.ledger_records,
             "requests": progress.requests,
             "retries": progress.retries,
             "rate_limited": progress.rate_limited,
             "deferrals": progress.deferrals,
             "elapsed_s": round(elapsed, 3),
             "records_per_s": round(progress.submitted / elapsed, 1) if elapsed > 0 else 0.0,
+        }
+
+    def _open_ledger(self, context: Context | None, dead_letters: ObjectStoragePath | None) -> None:
+        if self.ledger_uri:
+            self._ledger = ObjectStoragePath(str(self.ledger_uri).strip())
+        elif self.input_uri is not None and dead_letters is not None:
+            self._ledger = dead_letters.parent / LEDGER_FOLDER
+        conn_id = str(self.audit_conn_id or "").strip()
+        if conn_id and conn_id != "None":
+            self._sql_ledger = SqlLedger(conn_id, str(self.audit_table))
+        context = context or {}
+        self._ledger_context = {
+            "run_id": context.get("run_id"),
+            "data_interval_start": context.get("data_interval_start"),
+            "data_interval_end": context.get("data_interval_end"),
         }
 
     # ------------------------------------------------------------------ reading input
@@ -519,8 +577,21 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         if segment:
             yield segment
 
+    def _inline_items(self) -> list[Any]:
+        return self._rendered_inputs if self._rendered_inputs is not None else _inline_list(self.inputs)
+
+    @staticmethod
+    def _count_lines(staged: _Staged) -> int:
+        """Non-blank lines of the staged input: the "of N" of the progress log (one streamed read)."""
+        count = 0
+        for path in staged.files:
+            with path.open("rb") as handle:
+                for raw in handle:
+                    count += bool(raw.strip())
+        return count
+
     def _inline_records(self, progress: _Progress) -> Iterator[_Record]:
-        items = self._rendered_inputs if self._rendered_inputs is not None else _inline_list(self.inputs)
+        items = self._inline_items()
         for position in range(progress.lines_done, len(items)):
             yield self._record(items[position], line=position + 1, file_index=0, file_line=0)
 
@@ -691,6 +762,45 @@ class HubSpotWriteStatusesOperator(BaseOperator):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _categories(by_category: dict[str, int]) -> str:
+    return ", ".join(f"{name} {count:,}" for name, count in sorted(by_category.items()))
+
+
+def _progress_line(progress: _Progress, total: int) -> str:
+    """``12,400 of 48,210 statuses (26%), 1,930/s, about 19 s left; 12 failed: OBJECT_NOT_FOUND 12``."""
+    done = progress.submitted + progress.skipped
+    rate = progress.submitted / progress.elapsed_s if progress.elapsed_s > 0 else 0.0
+    text = f"{done:,} of {total:,} statuses ({100 * done / total if total else 100:.0f}%)"
+    if rate > 0:
+        text += f", {rate:,.0f}/s"
+        if total > done:
+            left = (total - done) / rate
+            text += f", about {left:,.0f} s left" if left >= 1 else ", under 1 s left"
+    if progress.failed:
+        text += f"; {progress.failed:,} failed: {_categories(progress.failed_by_category)}"
+    return text
+
+
+def _summary_lines(summary: dict[str, Any]) -> str:
+    """The final summary as a few readable lines (counts and paths only)."""
+    lines = [
+        f"  {summary['submitted']:,} statuses: {summary['succeeded']:,} confirmed by HubSpot "
+        f"({summary['changed']:,} changed, {summary['unchanged']:,} already so), "
+        f"{summary['superseded']:,} superseded, {summary['failed']:,} failed, {summary['skipped']:,} skipped",
+    ]
+    if summary["failed"]:
+        lines.append(f"  failed: {_categories(summary['failed_by_category'])}; dead letters in "
+                     f"{summary['dead_letter_uri'] or 'not written (no dead_letter_uri)'}")
+    if summary["ledger_uri"]:
+        lines.append(f"  ledger: {summary['ledger_records']:,} audit records in {summary['ledger_uri']}")
+    lines.append(
+        f"  HubSpot: {summary['requests']:,} requests, {summary['retries']:,} retried, "
+        f"{summary['rate_limited']:,} rate-limited, {summary['deferrals']:,} deferrals; "
+        f"{summary['records_per_s']:,.0f} statuses/s over {summary['elapsed_s']:.1f} s"
+    )
+    return "\n".join(lines)
 
 
 def _digest(doc: dict[str, Any]) -> str:
