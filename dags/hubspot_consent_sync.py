@@ -13,7 +13,7 @@
   defers while a long rate-limit wait passes (a triggerer must be running) and resumes from its
   checkpoint after a failed try.
 * **branch_on_outcome**: no failures at all → **report**; some → **summarise_dead_letters**, which
-  counts the dead letters by category, alerts (task log, and ``dead_letter_alert`` below), and fails
+  counts the dead letters by category, alerts (task log, and the ``ALERT_NOTIFIERS`` below), and fails
   the run when more than ``max_failed_ratio`` of the events failed.
 
 Daily runs cover one UTC day: a scheduled or backfill run for logical date D syncs day D, and
@@ -29,19 +29,19 @@ legal_basis_explanation, occurred_at)``, see :mod:`hubspot_provider.consent`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
+from airflow.sdk import BaseNotifier, CronDataIntervalTimetable, Param, dag, get_current_context, task
 from airflow.sdk.configuration import conf
 from hubspot_provider import consent
+from hubspot_provider.notifications import DeadLetterNotifier
 from hubspot_provider.operators.hubspot import HubSpotWriteStatusesOperator
 
-# Alert hook point: set this to a callable (a Slack or e-mail notifier, a pager) and it is called with
-# the dead-letter summary (counts and paths, never records or emails) when a run has failures, and when
-# the write step itself fails. Callables cannot travel in DAG params; set it here or in a copy of this file.
-dead_letter_alert: Callable[[dict[str, Any]], Any] | None = None
+# Alerts go through Airflow notifiers: when a run has failures, and when the write step itself fails.
+# Add your own (a SlackNotifier, an e-mail notifier); the run's summary (counts and paths, never
+# records or emails) is in their template context as ``hubspot_summary``.
+ALERT_NOTIFIERS: list[BaseNotifier] = [DeadLetterNotifier()]
 
 # Task retries resume the write from its checkpoint after HubSpot outages longer than the hook's own
 # retry budget. `airflow dags test` sits out retry_delay between tries, so demos and local runs set
@@ -175,7 +175,8 @@ def hubspot_consent_sync() -> None:
             submitted,
             max_failed_ratio=params["max_failed_ratio"],
             max_unplaceable_rows=params["max_unplaceable_rows"],
-            alert=dead_letter_alert,
+            notifiers=ALERT_NOTIFIERS,
+            context=get_current_context(),
         )
 
     extracted = extract()
@@ -194,7 +195,7 @@ def hubspot_consent_sync() -> None:
         max_failed_ratio=1.0,
         deferrable=True,
         pool=consent.HUBSPOT_POOL,
-        on_failure_callback=consent.dead_letter_failure_callback(alert=dead_letter_alert),
+        on_failure_callback=ALERT_NOTIFIERS,
     )
     validated >> submit
     submitted = submit.output

@@ -18,17 +18,19 @@ a replay never puts back a status the contact has changed after it was dead-lett
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import BaseNotifier, Param, dag, get_current_context, task
 from airflow.sdk.configuration import conf
 from hubspot_provider import consent
+from hubspot_provider.notifications import DeadLetterNotifier
 from hubspot_provider.operators.hubspot import HubSpotWriteStatusesOperator
 
-# Alert hook point, as in hubspot_consent_sync: called with the summary of what failed again.
-dead_letter_alert: Callable[[dict[str, Any]], Any] | None = None
+# Alerts go through Airflow notifiers: when a run has failures, and when the write step itself fails.
+# Add your own (a SlackNotifier, an e-mail notifier); the run's summary (counts and paths, never
+# records or emails) is in their template context as ``hubspot_summary``.
+ALERT_NOTIFIERS: list[BaseNotifier] = [DeadLetterNotifier(replay=True)]
 
 # As in hubspot_consent_sync: AIRFLOW__HUBSPOT__TASK_RETRIES=0 makes local runs fail fast.
 TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
@@ -83,7 +85,7 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
     doc_md=__doc__,
 )
 def hubspot_dead_letter_replay() -> None:
-    @task(multiple_outputs=True)
+    @task(multiple_outputs=False)
     def prepare(params: dict[str, Any] | None = None, run_id: str | None = None) -> dict[str, Any]:
         """Select the dead letters to re-submit into this replay's own input folder."""
         return consent.prepare_replay(
@@ -94,20 +96,21 @@ def hubspot_dead_letter_replay() -> None:
             source_table=params["source_table"],
         )
 
-    @task
+    @task(multiple_outputs=False)
     def report(
         prepared: dict[str, Any], submitted: dict[str, Any], params: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         """Log the replay's counts, alert on what failed again, fail above max_failed_ratio."""
         return consent.report_replay(
-            prepared, submitted, max_failed_ratio=params["max_failed_ratio"], alert=dead_letter_alert
+            prepared, submitted, max_failed_ratio=params["max_failed_ratio"], notifiers=ALERT_NOTIFIERS,
+            context=get_current_context(),
         )
 
     prepared = prepare()
     submit = HubSpotWriteStatusesOperator(
         task_id="submit",
-        input_uri=prepared["input_uri"],
-        dead_letter_uri=prepared["dead_letter_uri"],
+        input_uri="{{ ti.xcom_pull(task_ids='prepare')['input_uri'] }}",
+        dead_letter_uri="{{ ti.xcom_pull(task_ids='prepare')['dead_letter_uri'] }}",
         hubspot_conn_id="{{ params.hubspot_conn_id }}",
         batch_size="{{ params.batch_size }}",
         # The operator's flag is fixed when the DAG is parsed, so include_non_retryable is applied by
@@ -116,8 +119,9 @@ def hubspot_dead_letter_replay() -> None:
         max_failed_ratio=1.0,
         deferrable=True,
         pool=consent.HUBSPOT_POOL,
-        on_failure_callback=consent.dead_letter_failure_callback(alert=dead_letter_alert, replay=True),
+        on_failure_callback=ALERT_NOTIFIERS,
     )
+    prepared >> submit
     report(prepared, submit.output)
 
 

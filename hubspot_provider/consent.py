@@ -34,7 +34,7 @@ import os
 import re
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import IO, Any
@@ -56,7 +56,8 @@ __all__ = [
     "apply_failure_policy",
     "check_identifier",
     "count_dead_letters",
-    "dead_letter_failure_callback",
+    "failed_task_summary",
+    "log_alert",
     "default_storage_uri",
     "ensure_pool",
     "extract_consent_events",
@@ -907,7 +908,8 @@ def apply_failure_policy(
         )
 
 
-def _alert(summary: Mapping[str, Any], alert: Callable[[dict[str, Any]], Any] | None) -> None:
+def log_alert(summary: Mapping[str, Any]) -> None:
+    """Write a run's alert (counts and paths, never records) to the task log at WARNING."""
     failed_task = ""
     if summary.get("failed_task"):
         failed_task = f"task {summary['failed_task']} failed ({summary.get('error')}); "
@@ -921,8 +923,13 @@ def _alert(summary: Mapping[str, Any], alert: Callable[[dict[str, Any]], Any] | 
         f"; {summary['unplaceable']} unplaceable rows in {summary.get('unplaceable_uri')}"
         if summary.get("unplaceable") else "",
     )
-    if alert is not None:
-        alert(dict(summary))
+
+
+def _alert(summary: Mapping[str, Any], notifiers: Sequence[Any], context: Mapping[str, Any] | None) -> None:
+    log_alert(summary)
+    for notifier in notifiers:
+        # Airflow notifiers take the task context; the summary rides along for their templates.
+        notifier({**(context or {}), "hubspot_summary": dict(summary)})
 
 
 def summarise_run(
@@ -932,16 +939,20 @@ def summarise_run(
     *,
     max_failed_ratio: float,
     max_unplaceable_rows: int | None = None,
-    alert: Callable[[dict[str, Any]], Any] | None = None,
+    notifiers: Sequence[Any] = (),
+    context: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The outcome with failures: count the dead letters by category, alert, then apply the failure policy.
 
-    The alert goes to the task log (WARNING) and to ``alert(summary)`` when given: the place for a
-    Slack or e-mail notifier. The summary holds counts and paths only, never records or emails.
+    The alert goes to the task log (WARNING) and to each of ``notifiers`` (Airflow ``BaseNotifier``
+    objects, e.g. :class:`~hubspot_provider.notifications.DeadLetterNotifier` or a Slack notifier),
+    called with the task ``context`` plus ``hubspot_summary``. The summary holds counts and paths
+    only, never records or emails.
 
     :param max_failed_ratio: share of the run's inputs allowed to fail before the task fails.
     :param max_unplaceable_rows: rows fitting no interval the source may hold before the task fails.
-    :param alert: optional callable receiving the summary dict.
+    :param notifiers: Airflow notifiers to alert through.
+    :param context: the task's context, handed to the notifiers.
     :raises AirflowFailException: after alerting, when the failure ratio is above ``max_failed_ratio``.
     """
     dead_letters = count_dead_letters(validated.get("dead_letter_uri") or extracted["dead_letter_uri"])
@@ -950,53 +961,36 @@ def summarise_run(
     totals["dead_letters_retryable"] = dead_letters["retryable"]
     _write_summary(totals)
     log.info("HubSpot consent sync: %s", _describe(totals))
-    _alert(totals, alert)
+    _alert(totals, notifiers, context)
     apply_failure_policy(totals, max_failed_ratio, max_unplaceable_rows)
     return totals
 
 
-def dead_letter_failure_callback(
-    alert: Callable[[dict[str, Any]], Any] | None = None, *, replay: bool = False
-) -> Callable[[Mapping[str, Any]], None]:
-    """An ``on_failure_callback`` that alerts with the run's dead-letter counts when a task fails.
+def failed_task_summary(context: Mapping[str, Any], *, replay: bool = False) -> dict[str, Any]:
+    """The alert of a task that failed: which task, why, and the run's dead letters so far (counts only).
 
-    The failing task never reaches the outcome tasks, so this is where a failed write (HubSpot down
-    past the retry budget, bad credentials) is reported, with whatever dead letters exist so far.
-
-    .. code-block:: python
-
-        HubSpotWriteStatusesOperator(
-            ..., on_failure_callback=dead_letter_failure_callback(alert=page_on_call)
-        )
-
-    :param alert: optional callable receiving the summary dict (counts and paths only).
     :param replay: the run is a dead-letter replay (its folder comes from the ``dead_letter_uri``
         param) rather than a consent sync (``storage_uri`` param and run id).
     """
-
-    def callback(context: Mapping[str, Any]) -> None:
-        params = context.get("params") or {}
-        try:
-            if replay:
-                folder = replay_folder(params["dead_letter_uri"], str(context["run_id"])) / DEAD_LETTER_FOLDER
-            else:
-                folder = run_folder(params.get("storage_uri"), str(context["run_id"])) / DEAD_LETTER_FOLDER
-            counts = count_dead_letters(folder)
-        except Exception:  # noqa: BLE001 - a callback must not hide the task's own failure
-            log.exception("Could not count the dead letters of the failed run")
-            counts = {"total": 0, "by_category": {}, "dead_letter_uri": None}
-        ti = context.get("ti") or context.get("task_instance")
-        summary = {
-            "failed_task": getattr(ti, "task_id", None),
-            "run_id": context.get("run_id"),
-            "error": type(context.get("exception")).__name__ if context.get("exception") else None,
-            "dead_letters": counts["total"],
-            "failed_by_category": counts["by_category"],
-            "dead_letter_uri": counts["dead_letter_uri"],
-        }
-        _alert(summary, alert)
-
-    return callback
+    params = context.get("params") or {}
+    try:
+        if replay:
+            folder = replay_folder(params["dead_letter_uri"], str(context["run_id"])) / DEAD_LETTER_FOLDER
+        else:
+            folder = run_folder(params.get("storage_uri"), str(context["run_id"])) / DEAD_LETTER_FOLDER
+        counts = count_dead_letters(folder)
+    except Exception:  # noqa: BLE001 - an alert must not hide the task's own failure
+        log.exception("Could not count the dead letters of the failed run")
+        counts = {"total": 0, "by_category": {}, "dead_letter_uri": None}
+    ti = context.get("ti") or context.get("task_instance")
+    return {
+        "failed_task": getattr(ti, "task_id", None),
+        "run_id": context.get("run_id"),
+        "error": type(context.get("exception")).__name__ if context.get("exception") else None,
+        "dead_letters": counts["total"],
+        "failed_by_category": counts["by_category"],
+        "dead_letter_uri": counts["dead_letter_uri"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------- replay
@@ -1152,7 +1146,8 @@ def report_replay(
     submitted: Mapping[str, Any],
     *,
     max_failed_ratio: float,
-    alert: Callable[[dict[str, Any]], Any] | None = None,
+    notifiers: Sequence[Any] = (),
+    context: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Log and store (``<replay>/summary.json``) a replay's counts; alert and apply the policy on failures.
 
@@ -1190,6 +1185,6 @@ def report_replay(
         totals["failed"],
     )
     if totals["failed"]:
-        _alert(totals, alert)
+        _alert(totals, notifiers, context)
     apply_failure_policy(totals, max_failed_ratio)
     return totals

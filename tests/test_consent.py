@@ -12,6 +12,7 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 from consent_days import write_consent_table
 from hubspot_provider import consent
+from hubspot_provider.notifications import DeadLetterNotifier
 
 START = datetime(2026, 3, 10, tzinfo=timezone.utc)
 END = START + timedelta(days=1)
@@ -471,23 +472,37 @@ def test_summarise_alerts_with_counts_only_then_applies_the_policy(tmp_path):
     extracted = {**EXTRACTED, "run_uri": run.as_uri(), "dead_letter_uri": (run / "dead-letters").as_uri(),
                  "undecodable": 0, "unplaceable": 0}
     validated = {**VALIDATED, "dead_letter_uri": (run / "dead-letters").as_uri()}
-    alerts: list[dict] = []
+    collector = Collecting()
+    alerts = collector.delivered
+    context = {"run_id": "manual__1"}
     totals = consent.summarise_run(extracted, validated, {**SUBMITTED, "failed": 0, "failed_by_category": {}},
-                                   max_failed_ratio=0.5, alert=alerts.append)
+                                   max_failed_ratio=0.5, notifiers=[collector], context=context)
     assert alerts == [totals]
     assert totals["dead_letters"] == 1 and totals["dead_letters_by_category"] == {"INVALID_INPUT": 1}
     assert "secret@example.com" not in json.dumps(totals)
     assert json.loads((run / "summary.json").read_text()) == totals
     with pytest.raises(AirflowFailException):
-        consent.summarise_run(extracted, validated, SUBMITTED, max_failed_ratio=0.0, alert=alerts.append)
+        consent.summarise_run(extracted, validated, SUBMITTED, max_failed_ratio=0.0, notifiers=[collector],
+                              context=context)
     assert len(alerts) == 2  # the alert goes out before the run is failed
 
 
-def test_failure_callback_alerts_with_the_dead_letters_so_far(tmp_path):
+class Collecting(DeadLetterNotifier):
+    """A notifier that keeps what it would deliver."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.delivered: list[dict] = []
+
+    def deliver(self, summary):
+        self.delivered.append(summary)
+
+
+def test_the_notifier_alerts_a_failed_task_with_the_dead_letters_so_far(tmp_path):
     write_letters(tmp_path / "manual__1" / "dead-letters" / "part-validate.jsonl",
                   [("a", "INVALID_INPUT", False)])
-    alerts: list[dict] = []
-    callback = consent.dead_letter_failure_callback(alert=alerts.append)
+    callback = Collecting()  # what the DAGs set as on_failure_callback
+    alerts = callback.delivered
     ti = type("TI", (), {"task_id": "submit"})()
     callback({"params": {"storage_uri": tmp_path.as_uri()}, "run_id": "manual__1", "ti": ti,
               "exception": RuntimeError("HubSpot down")})

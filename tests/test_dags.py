@@ -453,6 +453,16 @@ def test_hubspot_down_fails_the_run_and_a_rerun_applies_everything(
     submit = sync_dag.get_task("submit")
     retries = submit.retries
     submit.retries = 0  # the DAG's task retries wait minutes; the hook's retry budget is what is tested here
+    from hubspot_provider.notifications import DeadLetterNotifier
+
+    class Collecting(DeadLetterNotifier):
+        delivered: list = []
+
+        def deliver(self, summary):
+            self.delivered.append(summary)
+
+    callbacks = submit.on_failure_callback
+    submit.on_failure_callback = [*callbacks, Collecting()]
     try:
         dr, states = run_dag(sync_dag, {"storage_uri": storage.as_uri()}, run_after=run_after)
         assert states == {
@@ -465,11 +475,16 @@ def test_hubspot_down_fails_the_run_and_a_rerun_applies_everything(
         folder = run_files(storage, dr)
         assert not (folder / "summary.json").exists()  # nothing reported as done
         assert (folder / "validated" / "_checkpoint.json").exists()  # where a task retry would resume
+        # The failed write alerts through the DAG's notifiers, with counts only.
+        (alert,) = Collecting.delivered
+        assert alert["failed_task"] == "submit" and alert["error"] == "HubSpotUnavailableError"
+        assert alert["dead_letters"] == 0
 
         emulator.fault_rate_5xx = 0.0
         dr2, states2 = run_dag(sync_dag, {"storage_uri": storage.as_uri()}, run_after=run_after)
     finally:
         submit.retries = retries
+        submit.on_failure_callback = callbacks
     assert dr2.run_id == dr.run_id
     assert states2 == CLEAN
     assert hubspot_state(emulator) == expected_latest(rows)
