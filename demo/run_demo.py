@@ -147,6 +147,8 @@ def _print_summary(summary: dict, source_events: int) -> None:
                                f"{summary['unchanged']} already in that state"),
         ("Failed", f"{summary['failed']} ({categories})" if categories else "none"),
         ("Dead letters", f"{dead} in {_relative(summary.get('dead_letter_uri'))}" if dead else "none"),
+        ("Ledger", f"{summary.get('ledger_records', 0)} audit records (one per status sent, with HubSpot's "
+                   f"answer) in {_relative(summary.get('ledger_uri'))}"),
         ("HubSpot traffic", f"{summary['requests']} requests, {summary['retries']} retried, "
                             f"{summary['rate_limited']} rate-limited; "
                             f"{summary['records_per_s']:.0f} records/s"),
