@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from enum import Enum
+from functools import lru_cache
 from typing import Any
 
 from pydantic.alias_generators import to_snake
@@ -65,12 +65,18 @@ SUCCEEDED = "SUCCEEDED"
 FAILED = "FAILED"
 
 
+@lru_cache(maxsize=256)
+def _iso(moment: datetime) -> str:
+    # A batch's records share their sentAt; HubSpot's timestamps repeat too. Cached, it costs a lookup.
+    return moment.isoformat().replace("+00:00", "Z")
+
+
 def _text(value: Any) -> Any:
-    if isinstance(value, Enum):
-        return value.value
+    if value is None or type(value) is str:
+        return value
     if isinstance(value, datetime):
-        return value.isoformat().replace("+00:00", "Z")
-    return value
+        return _iso(value)
+    return getattr(value, "value", value)  # an enum member, as its wire value
 
 
 def ledger_record(
@@ -83,7 +89,7 @@ def ledger_record(
 ) -> dict[str, Any]:
     """The audit record of one sent input (camelCase keys, :data:`LEDGER_FIELDS` in order)."""
     wire, result, failure = outcome.input, outcome.result, outcome.failure
-    return {
+    record = {
         "runId": run_id,
         "dataIntervalStart": _text(data_interval_start),
         "dataIntervalEnd": _text(data_interval_end),
@@ -97,15 +103,25 @@ def ledger_record(
         "sentAt": _text(outcome.sent_at),
         "attempts": outcome.attempts,
         "outcome": SUCCEEDED if failure is None else FAILED,
-        "confirmedStatus": _text(result.status) if result is not None else None,
-        "setStatusSuccessReason": _text(result.set_status_success_reason) if result is not None else None,
-        "hubspotTimestamp": _text(result.timestamp) if result is not None else None,
-        "hubspotSource": result.source if result is not None else None,
+        "confirmedStatus": None,
+        "setStatusSuccessReason": None,
+        "hubspotTimestamp": None,
+        "hubspotSource": None,
         "correlationId": outcome.correlation_id,
-        "failureCategory": failure.category if failure is not None else None,
-        "failureMessage": failure.message if failure is not None else None,
-        "retryable": failure.retryable if failure is not None else None,
+        "failureCategory": None,
+        "failureMessage": None,
+        "retryable": None,
     }
+    if result is not None:
+        record["confirmedStatus"] = _text(result.status)
+        record["setStatusSuccessReason"] = _text(result.set_status_success_reason)
+        record["hubspotTimestamp"] = _text(result.timestamp)
+        record["hubspotSource"] = result.source
+    if failure is not None:
+        record["failureCategory"] = failure.category
+        record["failureMessage"] = failure.message
+        record["retryable"] = failure.retryable
+    return record
 
 
 class SqlLedger:

@@ -220,6 +220,8 @@ class HubSpotWriteStatusesOperator(BaseOperator):
     :param audit_conn_id: optional SQL connection (common-sql) the ledger is also appended to; empty
         or ``None`` for files only. Templated.
     :param audit_table: that connection's ledger table (see :data:`hubspot_provider.ledger.LEDGER_DDL`).
+    :param ledger: ``False`` writes no ledger at all (not recommended: nothing would prove what was
+        written; it exists to measure the ledger's cost).
     """
 
     template_fields: Sequence[str] = (
@@ -252,6 +254,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         ledger_uri: str | None = None,
         audit_conn_id: str | None = None,
         audit_table: str = "hubspot_consent_ledger",
+        ledger: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -278,6 +281,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         self.ledger_uri = ledger_uri
         self.audit_conn_id = audit_conn_id
         self.audit_table = audit_table
+        self.ledger = ledger
         self._rendered_inputs: list[Any] | None = None
         self._ledger: ObjectStoragePath | None = None
         self._sql_ledger: SqlLedger | None = None
@@ -547,6 +551,8 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         }
 
     def _open_ledger(self, context: Context | None, dead_letters: ObjectStoragePath | None) -> None:
+        if not self.ledger:
+            return
         if self.ledger_uri:
             self._ledger = ObjectStoragePath(str(self.ledger_uri).strip())
         elif self.input_uri is not None and dead_letters is not None:
@@ -756,12 +762,16 @@ class HubSpotWriteStatusesOperator(BaseOperator):
     def _write_part(folder: ObjectStoragePath, name: str, letters: list[tuple[int, dict[str, Any]]]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         letters.sort(key=lambda item: item[0])
+        # One write per part: a segment is small, and object-store handles are slow per call.
+        text = "".join(_encode_line(letter) + "\n" for _, letter in letters)
         with (folder / name).open("w", encoding="utf-8") as handle:
-            for _, letter in letters:
-                handle.write(json.dumps(letter, ensure_ascii=False, separators=(",", ":")) + "\n")
+            handle.write(text)
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+_encode_line = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
 
 
 def _categories(by_category: dict[str, int]) -> str:

@@ -3,7 +3,8 @@
 Run with ``./bin/bench operator`` (nothing is asserted). Writes staged JSONL files of growing size
 (1% of lines invalid, so dead letters are written too), runs the operator over each against the
 emulator (own process, rate limit lifted so the run is CPU-bound), and reports the peak of Python
-allocations (tracemalloc) during ``execute`` and the throughput.
+allocations (tracemalloc) during ``execute`` and the throughput; then the ledger's cost: the same
+run with and without it, timed without tracemalloc.
 """
 
 from __future__ import annotations
@@ -68,15 +69,54 @@ def run(sizes: list[int], batch_size: int) -> list[dict]:
     return results
 
 
+def ledger_cost(n: int, batch_size: int, repeats: int, rate_limit_max: int = 100_000) -> dict:
+    """Wall time of the same staged run with and without the ledger (no tracemalloc: it slows allocation).
+
+    With the default limit the run is CPU-bound (the worst case for the ledger); with HubSpot-like
+    pacing (``rate_limit_max`` requests per second) it is bound by the rate limit, as real syncs are.
+    """
+    from hubspot_provider.operators.hubspot import HubSpotWriteStatusesOperator
+
+    emulator = Emulator(rate_limit_max=rate_limit_max, rate_limit_interval_ms=1000)
+    walls: dict[str, list[float]] = {"on": [], "off": []}
+    try:
+        emulator.connection("hubspot_bench")
+        with tempfile.TemporaryDirectory() as folder:
+            staged = Path(folder) / "statuses.jsonl"
+            stage(staged, n)
+            for _ in range(repeats):
+                for mode in ("off", "on"):  # alternated, so drift hits both alike
+                    op = HubSpotWriteStatusesOperator(
+                        task_id="bench", input_uri=staged.as_uri(), hubspot_conn_id="hubspot_bench",
+                        batch_size=batch_size, max_failed_ratio=1.0, ledger=mode == "on",
+                    )
+                    wall0 = time.perf_counter()
+                    summary = op.execute(context={})
+                    walls[mode].append(time.perf_counter() - wall0)
+                    assert (summary["ledger_records"] > 0) == (mode == "on")
+    finally:
+        emulator.close()
+    on, off = sorted(walls["on"])[len(walls["on"]) // 2], sorted(walls["off"])[len(walls["off"]) // 2]
+    return {"records": n, "repeats": repeats, "rate_limit_per_s": rate_limit_max,
+            "median_wall_s_ledger_off": round(off, 2), "median_wall_s_ledger_on": round(on, 2),
+            "ledger_cost_pct": round(100 * (on - off) / off, 1),
+            "ledger_us_per_record": round(1e6 * (on - off) / n, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="10000,100000", help="comma-separated record counts")
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--ledger-records", type=int, default=50_000, help="records of the ledger-cost runs")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     print(json.dumps({
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "operator_staged_input": run([int(s) for s in args.sizes.split(",")], args.batch_size),
+        "ledger_cost_cpu_bound": ledger_cost(args.ledger_records, args.batch_size, args.repeats),
+        "ledger_cost_rate_limited": ledger_cost(args.ledger_records // 2, args.batch_size, args.repeats,
+                                                rate_limit_max=50),
     }, indent=2))
 
 
