@@ -34,6 +34,7 @@ from typing import Any
 
 from airflow.sdk import BaseNotifier, CronDataIntervalTimetable, Param, dag, get_current_context, task
 from airflow.sdk.configuration import conf
+
 from hubspot_provider import consent
 from hubspot_provider.notifications import DeadLetterNotifier
 from hubspot_provider.operators.hubspot import HubSpotWriteStatusesOperator

@@ -34,18 +34,18 @@ import os
 import re
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import IO, Any
 
-from pydantic import ValidationError
-
 from airflow.sdk import BaseHook, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowFailException
-from hubspot_provider.results import INVALID_INPUT
+from pydantic import ValidationError
+
 from hubspot_provider.models import PublicStatusRequest, describe_validation_error
-from hubspot_provider.operators.hubspot import dead_letter
+from hubspot_provider.results import INVALID_INPUT
+from hubspot_provider.staging import JsonlWriter, dead_letter, dumps, jsonl_files, read_objects, status_key
 
 __all__ = [
     "DEAD_LETTER_FOLDER",
@@ -215,35 +215,6 @@ def _aware_utc(value: Any, name: str) -> datetime:
 # ---------------------------------------------------------------------------------------------- file helpers
 
 
-class _LazyJsonl:
-    """A JSONL file that is created on the first line; when nothing is written a stale copy is removed."""
-
-    def __init__(self, path: ObjectStoragePath) -> None:
-        self.path = path
-        self.count = 0
-        self._handle: IO[str] | None = None
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        if self._handle is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = self.path.open("w", encoding="utf-8")
-        self._handle.write(_dumps(record) + "\n")
-        self.count += 1
-
-    def __enter__(self) -> _LazyJsonl:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._handle is not None:
-            self._handle.close()
-        elif self.path.exists():
-            self.path.unlink()
-
-
-def _dumps(record: Mapping[str, Any]) -> str:
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
-
-
 def _clear_folder(folder: ObjectStoragePath) -> None:
     # Files only: a sub-folder was not written by this step, so it is not this step's to remove.
     if folder.is_dir():
@@ -251,30 +222,6 @@ def _clear_folder(folder: ObjectStoragePath) -> None:
             if child.is_file():
                 child.unlink()
     folder.mkdir(parents=True, exist_ok=True)
-
-
-def _jsonl_files(folder: ObjectStoragePath) -> list[ObjectStoragePath]:
-    return sorted(
-        (
-            p for p in folder.iterdir()
-            if p.name.endswith(".jsonl") and not p.name.startswith(("_", ".")) and p.is_file()
-        ),
-        key=lambda p: p.name,
-    )
-
-
-def _read_dead_letters(parts: list[ObjectStoragePath]) -> Iterator[dict[str, Any] | None]:
-    """Each non-blank line of ``parts`` parsed; ``None`` for a line that is not a JSON object."""
-    for part in parts:
-        with part.open("r", encoding="utf-8", errors="replace") as handle:
-            for text in handle:
-                if not text.strip():
-                    continue
-                try:
-                    value = json.loads(text)
-                except ValueError:
-                    value = None
-                yield value if isinstance(value, dict) else None
 
 
 def _dead_letter(value: Any, message: str, occurred_at: str | None) -> dict[str, Any]:
@@ -340,20 +287,6 @@ def _staged_input(
     if explanation is not None:
         record["legalBasisExplanation"] = _json_scalar(explanation)
     return record
-
-
-def _status_key(record: Mapping[str, Any]) -> str | None:
-    """The status key of a staged record, or ``None`` when its email or subscription id cannot form one.
-
-    Rows without a key (a NULL or non-text email, a subscription id that is not a whole number) are
-    invalid and never share a key: each becomes its own dead letter.
-    """
-    email, subscription_id = record.get("subscriberIdString"), record.get("subscriptionId")
-    if not isinstance(email, str) or not email.strip() or "\ufffd" in email:
-        return None
-    if not isinstance(subscription_id, int) or isinstance(subscription_id, bool):
-        return None
-    return f"{email.strip().lower()}\x1f{subscription_id}\x1fEMAIL"
 
 
 # occurred_at text a data interval can be found for by comparing text: a real calendar date first.
@@ -520,7 +453,7 @@ class _LatestPerKey:
         rows = _iter_source_rows(hook, conn_type, sql, parameters, fetch_size)
         for email, subscription_id, occurred_at in rows:
             moment = parse_occurred_at(occurred_at)
-            key = _status_key({"subscriberIdString": _json_scalar(email),
+            key = status_key({"subscriberIdString": _json_scalar(email),
                                "subscriptionId": _subscription_id(subscription_id)})
             if moment is not None and moment >= since and key is not None:
                 self.mark_later(key, moment)
@@ -608,8 +541,8 @@ def extract_consent_events(
         latest = _LatestPerKey(scratch_dir)
         try:
             with (
-                _LazyJsonl(dead_letters / EXTRACT_DEAD_LETTERS) as undecodable,
-                _LazyJsonl(unplaceable_file) as unplaceable,
+                JsonlWriter(dead_letters / EXTRACT_DEAD_LETTERS) as undecodable,
+                JsonlWriter(unplaceable_file) as unplaceable,
             ):
                 def take(row: tuple) -> None:
                     counts["rows_read"] += 1
@@ -639,8 +572,8 @@ def extract_consent_events(
                             False, _iso_z(moment),
                         ))
                         return
-                    line = _dumps({"input": record, "occurredAt": _iso_z(moment)})
-                    latest.add(_status_key(record), moment, line)
+                    line = dumps({"input": record, "occurredAt": _iso_z(moment)})
+                    latest.add(status_key(record), moment, line)
 
                 for row in _iter_source_rows(hook, conn_type, sql, parameters, fetch_size):
                     take(row)
@@ -714,7 +647,7 @@ def validate_staged_events(
     with (
         staged_file.open("r", encoding="utf-8") as source,
         (validated / VALIDATED_FILE).open("w", encoding="utf-8") as good,
-        _LazyJsonl(dead_letters / VALIDATE_DEAD_LETTERS) as bad,
+        JsonlWriter(dead_letters / VALIDATE_DEAD_LETTERS) as bad,
     ):
         for number, text in enumerate(source, start=1):
             text = text.strip()
@@ -734,7 +667,7 @@ def validate_staged_events(
             except ValidationError as exc:
                 bad.write(_dead_letter(value, describe_validation_error(exc), occurred_at))
                 continue
-            good.write(_dumps({"input": request.to_wire(), "occurredAt": occurred_at}) + "\n")
+            good.write(dumps({"input": request.to_wire(), "occurredAt": occurred_at}) + "\n")
             valid += 1
     result = {
         "valid": valid,
@@ -773,9 +706,9 @@ def count_dead_letters(folder: str | ObjectStoragePath) -> dict[str, Any]:
     by_category: dict[str, int] = {}
     total = retryable = files = 0
     if root.is_dir():
-        parts = _jsonl_files(root)
+        parts = jsonl_files(root)
         files = len(parts)
-        for letter in _read_dead_letters(parts):
+        for letter in read_objects(parts):
             letter = letter or {}
             category = str(letter.get("category") or "UNKNOWN")
             by_category[category] = by_category.get(category, 0) + 1
@@ -1032,7 +965,7 @@ def prepare_replay(
     """
     source = ObjectStoragePath(str(dead_letter_uri))
     if source.is_dir():
-        files = _jsonl_files(source)
+        files = jsonl_files(source)
     elif source.is_file():
         files = [source]
     else:
@@ -1061,7 +994,7 @@ def prepare_replay(
         latest = _LatestPerKey(scratch_dir)
         try:
             with (input_folder / REPLAY_INPUT_FILE).open("w", encoding="utf-8") as out:
-                for letter in _read_dead_letters(files):
+                for letter in read_objects(files):
                     if letter is None or not isinstance(letter.get("input"), dict):
                         skipped["NOT_A_DEAD_LETTER"] = skipped.get("NOT_A_DEAD_LETTER", 0) + 1
                         continue
@@ -1070,13 +1003,13 @@ def prepare_replay(
                         skipped[category] = skipped.get(category, 0) + 1
                         continue
                     candidates += 1
-                    line = _dumps({"input": letter["input"], "occurredAt": letter.get("occurredAt")})
+                    line = dumps({"input": letter["input"], "occurredAt": letter.get("occurredAt")})
                     moment = parse_occurred_at(letter.get("occurredAt"))
                     if source_check is None or moment is None:
                         out.write(line + "\n")
                         selected += 1
                     else:
-                        latest.add(_status_key(letter["input"]), moment, line)
+                        latest.add(status_key(letter["input"]), moment, line)
                 since = latest.earliest()
                 if source_check is not None and since is not None:
                     hook, conn_type, table, placeholder = source_check

@@ -20,8 +20,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-
 from consent_days import changes_over_days, latest_of_all_days, write_consent_table
+
 from hubspot_provider import consent
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-
 from airflow.sdk.exceptions import AirflowFailException
 from consent_days import write_consent_table
+
 from hubspot_provider import consent
 from hubspot_provider.notifications import DeadLetterNotifier
 

@@ -12,8 +12,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-
 from consent_days import changes_over_days, latest_of_all_days, write_consent_table
+
 from hubspot_provider import consent
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,10 +234,9 @@ def letters(folder: Path) -> list[dict]:
 
 
 def xcom_values(dr) -> list:
-    from sqlalchemy import select
-
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
+    from sqlalchemy import select
 
     with create_session() as session:
         query = select(XComModel).where(XComModel.run_id == dr.run_id, XComModel.dag_id == dr.dag_id)

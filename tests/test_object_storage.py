@@ -14,11 +14,11 @@ import uuid
 
 import fsspec
 import pytest
-
 from airflow.sdk import ObjectStoragePath
 from airflow.sdk.exceptions import TaskDeferred
 from airflow.sdk.io import attach
 from consent_days import write_consent_table
+
 from hubspot_provider import consent
 from hubspot_provider.operators import HubSpotWriteStatusesOperator
 

@@ -8,9 +8,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-
 from airflow.providers.standard.triggers.temporal import DateTimeTrigger
 from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
+
 from hubspot_provider.exceptions import HubSpotAuthError, HubSpotDailyLimitError, HubSpotUnavailableError
 from hubspot_provider.operators import HubSpotWriteStatusesOperator
 

@@ -21,9 +21,9 @@ from urllib.parse import urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import requests
+from airflow.sdk import BaseHook
 from pydantic import ValidationError
 
-from airflow.sdk import BaseHook
 from hubspot_provider.exceptions import HubSpotAuthError, HubSpotConfigError, HubSpotResponseError
 from hubspot_provider.hooks._batching import WRITE_SCOPE, BatchWriter
 from hubspot_provider.hooks._pacer import RateLimitPacer

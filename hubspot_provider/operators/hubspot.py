@@ -19,12 +19,11 @@ from datetime import datetime, timezone
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from pydantic.alias_generators import to_camel
-
 from airflow.providers.standard.triggers.temporal import DateTimeTrigger
 from airflow.sdk import BaseOperator, ObjectStoragePath
 from airflow.sdk.configuration import conf
 from airflow.sdk.exceptions import AirflowFailException
+
 from hubspot_provider.exceptions import (
     HubSpotAuthError,
     HubSpotConfigError,
@@ -35,8 +34,16 @@ from hubspot_provider.exceptions import (
 )
 from hubspot_provider.hooks.hubspot import HubSpotHook
 from hubspot_provider.ledger import SqlLedger, ledger_record
-from hubspot_provider.results import INVALID_INPUT, FailedInput, InputOutcome, WriteReport
-from hubspot_provider.models import PublicStatusRequest
+from hubspot_provider.results import INVALID_INPUT, InputOutcome, WriteReport
+from hubspot_provider.staging import (
+    dead_letter,
+    dead_letter_from,
+    digest,
+    file_marker,
+    jsonl_files,
+    prefix_hash,
+    write_part,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -56,7 +63,6 @@ MAX_STALLED_WAITS = 10
 PROGRESS_XCOM_KEY = "hubspot_write_progress"
 _LINE_DIGITS = 10
 _RAW_LINE_LIMIT = 2000
-_WIRE_NAMES = {name: to_camel(name) for name in PublicStatusRequest.model_fields}
 
 
 @dataclass
@@ -489,7 +495,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         )
         for failure in report.failed:
             record = sendable[failure.index or 0]
-            letters.append((record.line, _dead_letter_from(failure, record.occurred_at)))
+            letters.append((record.line, dead_letter_from(failure, record.occurred_at)))
         progress.add_outcomes(report)
         progress.add_unsendable(sum(1 for r in segment if r.kind == "invalid"))
         progress.skipped += sum(1 for r in segment if r.kind == "skip")
@@ -610,7 +616,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         for file_index in range(progress.file_index, len(staged.files)):
             skip = progress.file_line if file_index == progress.file_index else 0
             if not skip:
-                pending.append(_file_marker(staged.files[file_index]))
+                pending.append(file_marker(staged.files[file_index]))
             with staged.files[file_index].open("r", encoding="utf-8", errors="replace") as handle:
                 for file_line, raw in enumerate(handle, start=1):
                     if file_line <= skip:
@@ -634,18 +640,6 @@ class HubSpotWriteStatusesOperator(BaseOperator):
                         continue
                     yield self._record(value, line=line, file_index=file_index, file_line=file_line)
 
-    @staticmethod
-    def _prefix_hash(staged: _Staged, progress: _Progress) -> Any:
-        """Hash the staged lines a checkpoint says are done, as :meth:`_staged_records` hashed them."""
-        hasher = hashlib.sha256()
-        for file_index in range(progress.file_index + 1):
-            hasher.update(_file_marker(staged.files[file_index]))
-            with staged.files[file_index].open("r", encoding="utf-8", errors="replace") as handle:
-                for file_line, raw in enumerate(handle, start=1):
-                    if file_index == progress.file_index and file_line > progress.file_line:
-                        break
-                    hasher.update(raw.encode("utf-8"))
-        return hasher
 
     def _record(self, value: Any, *, line: int, file_index: int, file_line: int) -> _Record:
         if self.only_retryable and isinstance(value, dict) and value.get("retryable") is False:
@@ -659,11 +653,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
     def _staged(self) -> _Staged:
         root = ObjectStoragePath(str(self.input_uri).strip())
         if root.is_dir():
-            files = sorted(
-                (p for p in root.iterdir()
-                 if p.name.endswith(".jsonl") and not p.name.startswith(("_", ".")) and p.is_file()),
-                key=lambda p: p.name,
-            )
+            files = jsonl_files(root)
             checkpoint = root / FOLDER_CHECKPOINT
             default_dead_letters = root.parent / DEAD_LETTER_FOLDER
             # Replaying a dead-letter folder: its own dead letters must not overwrite the parts being read.
@@ -712,7 +702,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             progress = _Progress.from_dict(doc.get("progress"))
             if doc.get("version") != CHECKPOINT_VERSION:
                 problem = "it was written by another version"
-            elif claimed != _digest(doc):
+            elif claimed != digest(doc):
                 problem = "it is not intact (its own digest does not match)"
             elif doc.get("files") != staged.fingerprint:
                 problem = "the input's files changed (names or sizes)"
@@ -721,7 +711,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             elif not 0 <= progress.file_index < len(staged.files) or progress.file_line < 1:
                 problem = "its position is outside the input"
             else:
-                done = self._prefix_hash(staged, progress)
+                done = prefix_hash(staged.files, progress.file_index, progress.file_line)
                 if done.hexdigest() != progress.prefix_sha256:
                     problem = "the lines it covers changed since it was written"
                 else:
@@ -745,7 +735,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             "segment_size": segment_size,
             "progress": asdict(progress),
         }
-        doc["sha256"] = _digest(doc)
+        doc["sha256"] = digest(doc)
         staged.checkpoint.write_text(json.dumps(doc, separators=(",", ":")))
 
     def _remove_stale_parts(self, folder: ObjectStoragePath, prefix: str) -> None:
@@ -760,18 +750,11 @@ class HubSpotWriteStatusesOperator(BaseOperator):
 
     @staticmethod
     def _write_part(folder: ObjectStoragePath, name: str, letters: list[tuple[int, dict[str, Any]]]) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
         letters.sort(key=lambda item: item[0])
-        # One write per part: a segment is small, and object-store handles are slow per call.
-        text = "".join(_encode_line(letter) + "\n" for _, letter in letters)
-        with (folder / name).open("w", encoding="utf-8") as handle:
-            handle.write(text)
+        write_part(folder, name, (letter for _, letter in letters))
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-_encode_line = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
 
 
 def _categories(by_category: dict[str, int]) -> str:
@@ -813,14 +796,6 @@ def _summary_lines(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _digest(doc: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _file_marker(path: ObjectStoragePath) -> bytes:
-    return b"\x00file " + path.name.encode("utf-8", "replace") + b"\n"
-
-
 def _same(a: ObjectStoragePath, b: ObjectStoragePath) -> bool:
     return str(a).rstrip("/") == str(b).rstrip("/")
 
@@ -840,30 +815,3 @@ def _inline_list(inputs: Any) -> list[Any]:
     if not isinstance(inputs, (list, tuple)):
         raise TypeError(f"inputs must be a list of dicts, got {type(inputs).__name__}")
     return list(inputs)
-
-
-def _camel_keys(value: dict[str, Any]) -> dict[str, Any]:
-    return {_WIRE_NAMES.get(key, key): item for key, item in value.items()}
-
-
-def dead_letter(
-    value: Any, category: str, message: str, retryable: bool, occurred_at: Any
-) -> dict[str, Any]:
-    """One dead-letter line: ``{"input", "category", "message", "retryable", "occurredAt"}``.
-
-    The shape every dead-letter file of the provider uses; a dead-letter line is also valid staged input.
-    """
-    return {
-        "input": value,
-        "category": category,
-        "message": message,
-        "retryable": retryable,
-        "occurredAt": occurred_at,
-    }
-
-
-def _dead_letter_from(failure: FailedInput, occurred_at: Any) -> dict[str, Any]:
-    # Inputs rejected before sending come back as given; camelCase keeps them replayable as is.
-    return dead_letter(_camel_keys(failure.input), failure.category, failure.message, failure.retryable,
-                        occurred_at)
-

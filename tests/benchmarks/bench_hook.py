@@ -96,7 +96,6 @@ def bench_throughput(windows: int, rate_max: int, interval_ms: int, batch_size: 
 
 def bench_plain_http_hook(windows: int, rate_max: int, interval_ms: int, batch_size: int) -> dict:
     import tenacity
-
     from airflow.providers.http.hooks.http import HttpHook
     from airflow.sdk.exceptions import AirflowException
 
