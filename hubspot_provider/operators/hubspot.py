@@ -14,7 +14,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -73,16 +73,9 @@ class _Progress:
     file_index: int = 0
     file_line: int = 0
     segments: int = 0
-    submitted: int = 0
-    succeeded: int = 0
-    superseded: int = 0
-    failed: int = 0
+    # The outcomes so far, in the one results model (without the failed inputs: those are dead letters).
+    report: WriteReport = field(default_factory=WriteReport)
     skipped: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
-    failed_by_category: dict[str, int] = field(default_factory=dict)
-    requests: int = 0
-    retries: int = 0
-    rate_limited: int = 0
     deferrals: int = 0
     stalled_waits: int = 0
     segment_size: int = 0  # set once a rate-limit stop shrank the segments (0: the configured size)
@@ -94,33 +87,28 @@ class _Progress:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> _Progress:
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in (data or {}).items() if k in known})
+        values = {k: v for k, v in (data or {}).items() if k in known}
+        values["report"] = WriteReport.model_validate(values.get("report") or {})
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able, for the checkpoint and the deferral's kwargs."""
+        return {**{name: getattr(self, name) for name in self.__dataclass_fields__ if name != "report"},
+                "report": self.report.model_dump(mode="json")}
 
     def add_traffic(self, report: WriteReport | None) -> None:
         # Requests of an interrupted segment really happened, but its outcomes are discarded:
         # the whole segment is sent again, so counting them now would count inputs twice.
         if report is not None:
-            self.requests += report.requests
-            self.retries += report.retries
-            self.rate_limited += report.rate_limited
+            self.report += WriteReport(requests=report.requests, retries=report.retries,
+                                       rate_limited=report.rate_limited)
 
     def add_outcomes(self, report: WriteReport) -> None:
-        self.submitted += report.submitted
-        self.succeeded += report.succeeded
-        self.superseded += report.superseded
-        self.failed += report.failed_count
-        for name, count in report.reasons.items():
-            self.reasons[name] = self.reasons.get(name, 0) + count
-        for name, count in report.failed_by_category.items():
-            self.failed_by_category[name] = self.failed_by_category.get(name, 0) + count
-        self.add_traffic(report)
+        self.report += report.model_copy(update={"failed": [], "elapsed_s": 0.0})
 
     def add_unsendable(self, count: int) -> None:
-        if not count:
-            return
-        self.submitted += count
-        self.failed += count
-        self.failed_by_category[INVALID_INPUT] = self.failed_by_category.get(INVALID_INPUT, 0) + count
+        if count:
+            self.report += WriteReport(submitted=count, failed_count=count, failed_by_category={INVALID_INPUT: count})
 
 
 @dataclass
@@ -441,7 +429,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         if staged is not None:
             staged.checkpoint.unlink(missing_ok=True)
         summary = self._summary(progress, dead_letters)
-        if not progress.submitted and not progress.skipped:
+        if not progress.report.submitted and not progress.skipped:
             self.log.warning("No input to write: %s holds no lines", self.input_uri or "inputs")
         self.log.info("HubSpot status sync done:\n%s", _summary_lines(summary))
         self._apply_failure_policy(summary, context)
@@ -463,7 +451,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         )
         kwargs = None
         if staged is None:
-            kwargs = {"progress": asdict(progress)}
+            kwargs = {"progress": progress.to_dict()}
             ti = context.get("ti") if context else None
             if ti is not None:
                 ti.xcom_push(key=PROGRESS_XCOM_KEY, value=kwargs["progress"])
@@ -531,29 +519,30 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             )
 
     def _summary(self, progress: _Progress, dead_letters: ObjectStoragePath | None) -> dict[str, Any]:
-        unchanged = progress.reasons.get("NO_STATUS_CHANGE", 0)
+        report = progress.report
+        unchanged = report.reasons.get("NO_STATUS_CHANGE", 0)
         elapsed = progress.elapsed_s
         written = dead_letters is not None and progress.dead_letter_files > 0
         return {
-            "submitted": progress.submitted,
-            "succeeded": progress.succeeded,
-            "changed": progress.succeeded - unchanged,
+            "submitted": report.submitted,
+            "succeeded": report.succeeded,
+            "changed": report.changed,
             "unchanged": unchanged,
-            "superseded": progress.superseded,
-            "failed": progress.failed,
+            "superseded": report.superseded,
+            "failed": report.failed_count,
             "skipped": progress.skipped,
-            "failed_by_category": dict(sorted(progress.failed_by_category.items())),
-            "reasons": dict(sorted(progress.reasons.items())),
+            "failed_by_category": dict(sorted(report.failed_by_category.items())),
+            "reasons": dict(sorted(report.reasons.items())),
             "dead_letter_uri": str(dead_letters) if written else None,
             "dead_letter_files": progress.dead_letter_files,
             "ledger_uri": str(self._ledger) if self._ledger is not None and progress.ledger_records else None,
             "ledger_records": progress.ledger_records,
-            "requests": progress.requests,
-            "retries": progress.retries,
-            "rate_limited": progress.rate_limited,
+            "requests": report.requests,
+            "retries": report.retries,
+            "rate_limited": report.rate_limited,
             "deferrals": progress.deferrals,
             "elapsed_s": round(elapsed, 3),
-            "records_per_s": round(progress.submitted / elapsed, 1) if elapsed > 0 else 0.0,
+            "records_per_s": round(report.submitted / elapsed, 1) if elapsed > 0 else 0.0,
         }
 
     def _open_ledger(self, context: Context | None, dead_letters: ObjectStoragePath | None) -> None:
@@ -733,7 +722,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             "input_uri": str(staged.root),
             "files": staged.fingerprint,
             "segment_size": segment_size,
-            "progress": asdict(progress),
+            "progress": progress.to_dict(),
         }
         doc["sha256"] = digest(doc)
         staged.checkpoint.write_text(json.dumps(doc, separators=(",", ":")))
@@ -763,16 +752,17 @@ def _categories(by_category: dict[str, int]) -> str:
 
 def _progress_line(progress: _Progress, total: int) -> str:
     """``12,400 of 48,210 statuses (26%), 1,930/s, about 19 s left; 12 failed: OBJECT_NOT_FOUND 12``."""
-    done = progress.submitted + progress.skipped
-    rate = progress.submitted / progress.elapsed_s if progress.elapsed_s > 0 else 0.0
+    report = progress.report
+    done = report.submitted + progress.skipped
+    rate = report.submitted / progress.elapsed_s if progress.elapsed_s > 0 else 0.0
     text = f"{done:,} of {total:,} statuses ({100 * done / total if total else 100:.0f}%)"
     if rate > 0:
         text += f", {rate:,.0f}/s"
         if total > done:
             left = (total - done) / rate
             text += f", about {left:,.0f} s left" if left >= 1 else ", under 1 s left"
-    if progress.failed:
-        text += f"; {progress.failed:,} failed: {_categories(progress.failed_by_category)}"
+    if report.failed_count:
+        text += f"; {report.failed_count:,} failed: {_categories(report.failed_by_category)}"
     return text
 
 
