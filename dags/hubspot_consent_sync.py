@@ -191,9 +191,7 @@ def hubspot_consent_sync() -> None:
         audit_table="{{ params.audit_table }}",
         hubspot_conn_id="{{ params.hubspot_conn_id }}",
         batch_size="{{ params.batch_size }}",
-        # The run's failure policy counts invalid rows too, so it is applied after the alert, in
-        # summarise_dead_letters, rather than by the operator over HubSpot's rejections alone.
-        max_failed_ratio=1.0,
+        max_failed_ratio=None,  # one policy per run, applied by the outcome task over everything
         deferrable=True,
         pool=consent.HUBSPOT_POOL,
         on_failure_callback=ALERT_NOTIFIERS,

@@ -117,7 +117,7 @@ def hubspot_dead_letter_replay() -> None:
         # The operator's flag is fixed when the DAG is parsed, so include_non_retryable is applied by
         # prepare, which passes on only the selected inputs (without their retryable flag).
         only_retryable=True,
-        max_failed_ratio=1.0,
+        max_failed_ratio=None,  # one policy per run, applied by the outcome task over everything
         deferrable=True,
         pool=consent.HUBSPOT_POOL,
         on_failure_callback=ALERT_NOTIFIERS,

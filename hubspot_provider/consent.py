@@ -44,7 +44,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from pydantic import ValidationError
 
 from hubspot_provider.models import PublicStatusRequest, describe_validation_error
-from hubspot_provider.results import INVALID_INPUT
+from hubspot_provider.results import INVALID_INPUT, categories_in_words, failure_ratio_exceeded
 from hubspot_provider.staging import JsonlWriter, dead_letter, dumps, jsonl_files, read_objects, status_key
 
 __all__ = [
@@ -784,11 +784,6 @@ def _write_summary(totals: Mapping[str, Any]) -> None:
         path.write_text(json.dumps(dict(totals), indent=2, sort_keys=True) + "\n")
 
 
-def categories_in_words(by_category: Mapping[str, int] | None) -> str:
-    """``{"OBJECT_NOT_FOUND": 12, "INVALID_INPUT": 3}`` as ``INVALID_INPUT 3, OBJECT_NOT_FOUND 12``."""
-    return ", ".join(f"{name} {count}" for name, count in sorted((by_category or {}).items()))
-
-
 def _describe(totals: Mapping[str, Any]) -> str:
     failed = f"{totals['failed']} failed"
     if totals.get("failed_by_category"):
@@ -830,15 +825,14 @@ def apply_failure_policy(
             f"max_unplaceable_rows={int(max_unplaceable_rows)}. They are listed in {totals.get('unplaceable_uri')}; "
             "fix their occurred_at at the source (or raise the limit)"
         )
-    inputs, failed = int(totals.get("inputs") or 0), int(totals.get("failed") or 0)
-    if inputs and failed / inputs > float(max_failed_ratio):
-        categories = categories_in_words(totals.get("failed_by_category"))
-        raise AirflowFailException(
-            f"{failed} of {inputs} consent events failed ({failed / inputs:.1%}, above max_failed_ratio "
-            f"{float(max_failed_ratio):.1%}): {categories}. Dead letters: {totals.get('dead_letter_uri')}. "
-            "Fix the data at the source and re-run the interval, or replay the dead letters with "
-            "hubspot_dead_letter_replay"
-        )
+    problem = failure_ratio_exceeded(
+        int(totals.get("failed") or 0), int(totals.get("inputs") or 0), max_failed_ratio, what="consent events",
+        by_category=totals.get("failed_by_category"), where=totals.get("dead_letter_uri"),
+        fix="Fix the data at the source and re-run the interval, or replay the dead letters with "
+        "hubspot_dead_letter_replay",
+    )
+    if problem is not None:
+        raise AirflowFailException(problem)
 
 
 def log_alert(summary: Mapping[str, Any]) -> None:

@@ -144,3 +144,27 @@ class WriteReport(BaseModel):
             f"{self.requests} requests, {self.retries} retries, {self.rate_limited} rate-limited, "
             f"{self.elapsed_s:.2f}s"
         )
+
+
+def categories_in_words(by_category: dict[str, int] | None) -> str:
+    """``{"OBJECT_NOT_FOUND": 12, "INVALID_INPUT": 3}`` as ``INVALID_INPUT 3, OBJECT_NOT_FOUND 12``."""
+    return ", ".join(f"{name} {count:,}" for name, count in sorted((by_category or {}).items()))
+
+
+def failure_ratio_exceeded(
+    failed: int, total: int, max_failed_ratio: float | None, *, what: str, by_category: dict[str, int] | None,
+    where: str | None, fix: str,
+) -> str | None:
+    """The one failure policy: a message when more than ``max_failed_ratio`` of ``total`` failed, else ``None``.
+
+    Invalid rows and HubSpot's rejections count alike. ``None`` as the ratio means "not judged here"
+    (a DAG that applies the policy once, over the whole run). The caller raises the message as it
+    must (the operator and the run's outcome task raise ``AirflowFailException``).
+    """
+    if max_failed_ratio is None or not total or failed / total <= float(max_failed_ratio):
+        return None
+    return (
+        f"{failed:,} of {total:,} {what} failed ({failed / total:.1%}, above max_failed_ratio "
+        f"{float(max_failed_ratio):.1%}): {categories_in_words(by_category)}. Dead letters: "
+        f"{where or 'not written (set dead_letter_uri to keep them)'}. {fix}"
+    )

@@ -243,13 +243,19 @@ def test_failure_policy_applies_after_everything_is_sent(emulator, conn, tmp_pat
     with pytest.raises(AirflowFailException) as caught:
         op.execute(context={})
     message = str(caught.value)
-    assert "2 of 4 inputs failed" in message and "OBJECT_NOT_FOUND=2" in message
+    assert "2 of 4 inputs failed" in message and "OBJECT_NOT_FOUND 2" in message
     assert (tmp_path / "dead-letters").as_uri() in message
     assert len(dead_letters(tmp_path / "dead-letters")) == 2
     assert emulator.status_of("user1@example.com", 1001) is not None  # the good ones still landed
 
 
 # --------------------------------------------------------------------------- rate limits and deferral
+
+
+def test_without_a_ratio_the_operator_leaves_the_judgement_to_the_run(emulator, conn, tmp_path):
+    uri = staged(tmp_path / "in.jsonl", rows(3, subscription_id=424242))  # every input fails
+    summary = operator(input_uri=uri, max_failed_ratio=None).execute(context={})
+    assert (summary["submitted"], summary["failed"]) == (3, 3)
 
 
 def _daily_limited(hubspot_emulator_factory, hubspot_conn, **kwargs):

@@ -34,7 +34,7 @@ from hubspot_provider.exceptions import (
 )
 from hubspot_provider.hooks.hubspot import HubSpotHook
 from hubspot_provider.ledger import SqlLedger, ledger_record
-from hubspot_provider.results import INVALID_INPUT, InputOutcome, WriteReport
+from hubspot_provider.results import INVALID_INPUT, InputOutcome, WriteReport, categories_in_words, failure_ratio_exceeded
 from hubspot_provider.staging import (
     dead_letter,
     dead_letter_from,
@@ -199,7 +199,9 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         inline input, none (failures are only counted). Templated.
     :param hubspot_conn_id: Airflow connection of type ``hubspot``. Templated.
     :param batch_size: inputs per request; defaults to the connection's (else 100). Templated.
-    :param max_failed_ratio: largest share of failed inputs that still counts as success (0..1).
+    :param max_failed_ratio: largest share of failed inputs that still counts as success (0..1);
+        ``None`` leaves the judgement to the DAG, which applies one policy over the whole run (the
+        example DAGs do, so invalid rows and HubSpot's rejections count alike).
     :param require_legal_basis: reject inputs lacking ``legalBasis``/``legalBasisExplanation``
         before sending (GDPR-enabled portals).
     :param max_concurrency: batches in flight at once (the hook's default when ``None``).
@@ -238,7 +240,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         dead_letter_uri: str | None = None,
         hubspot_conn_id: str = HubSpotHook.default_conn_name,
         batch_size: int | None = None,
-        max_failed_ratio: float = 0.25,
+        max_failed_ratio: float | None = 0.25,
         require_legal_basis: bool = False,
         max_concurrency: int | None = None,
         only_retryable: bool = False,
@@ -256,7 +258,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             raise ValueError(
                 "Give exactly one of inputs (inline rows) and input_uri (staged JSONL file or folder)"
             )
-        if not 0 <= max_failed_ratio <= 1:
+        if max_failed_ratio is not None and not 0 <= max_failed_ratio <= 1:
             raise ValueError(f"max_failed_ratio must be between 0 and 1, got {max_failed_ratio}")
         if segment_size is not None and segment_size < 1:
             raise ValueError(f"segment_size must be a positive number of lines, got {segment_size}")
@@ -504,19 +506,17 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         progress.stalled_waits = 0
 
     def _apply_failure_policy(self, summary: dict[str, Any], context: Context) -> None:
-        submitted, failed = summary["submitted"], summary["failed"]
-        if submitted and failed / submitted > self.max_failed_ratio:
+        problem = failure_ratio_exceeded(
+            summary["failed"], summary["submitted"], self.max_failed_ratio, what="inputs",
+            by_category=summary["failed_by_category"], where=summary["dead_letter_uri"],
+            fix="Fix the data at the source, or replay the dead letters with only_retryable=True",
+        )
+        if problem is not None:
             # A failed task pushes no return value; an alerting task downstream still needs the counts.
             ti = context.get("ti") if context else None
             if ti is not None and self.do_xcom_push:
                 ti.xcom_push(key="return_value", value=summary)
-            categories = ", ".join(f"{k}={v}" for k, v in sorted(summary["failed_by_category"].items()))
-            where = summary["dead_letter_uri"] or "not written (set dead_letter_uri to keep them)"
-            raise AirflowFailException(
-                f"{failed} of {submitted} inputs failed ({failed / submitted:.1%}, above max_failed_ratio "
-                f"{self.max_failed_ratio:.1%}): {categories}. Dead letters: {where}. Fix the data at the "
-                "source, or replay the dead letters with only_retryable=True"
-            )
+            raise AirflowFailException(problem)
 
     def _summary(self, progress: _Progress, dead_letters: ObjectStoragePath | None) -> dict[str, Any]:
         report = progress.report
@@ -746,10 +746,6 @@ class HubSpotWriteStatusesOperator(BaseOperator):
 # ---------------------------------------------------------------------- helpers
 
 
-def _categories(by_category: dict[str, int]) -> str:
-    return ", ".join(f"{name} {count:,}" for name, count in sorted(by_category.items()))
-
-
 def _progress_line(progress: _Progress, total: int) -> str:
     """``12,400 of 48,210 statuses (26%), 1,930/s, about 19 s left; 12 failed: OBJECT_NOT_FOUND 12``."""
     report = progress.report
@@ -762,7 +758,7 @@ def _progress_line(progress: _Progress, total: int) -> str:
             left = (total - done) / rate
             text += f", about {left:,.0f} s left" if left >= 1 else ", under 1 s left"
     if report.failed_count:
-        text += f"; {report.failed_count:,} failed: {_categories(report.failed_by_category)}"
+        text += f"; {report.failed_count:,} failed: {categories_in_words(report.failed_by_category)}"
     return text
 
 
@@ -774,7 +770,7 @@ def _summary_lines(summary: dict[str, Any]) -> str:
         f"{summary['superseded']:,} superseded, {summary['failed']:,} failed, {summary['skipped']:,} skipped",
     ]
     if summary["failed"]:
-        lines.append(f"  failed: {_categories(summary['failed_by_category'])}; dead letters in "
+        lines.append(f"  failed: {categories_in_words(summary['failed_by_category'])}; dead letters in "
                      f"{summary['dead_letter_uri'] or 'not written (no dead_letter_uri)'}")
     if summary["ledger_uri"]:
         lines.append(f"  ledger: {summary['ledger_records']:,} audit records in {summary['ledger_uri']}")
