@@ -92,6 +92,7 @@ class WriteReport(BaseModel):
     failed: list[FailedInput] = Field(default_factory=list)
     reasons: dict[str, int] = Field(default_factory=dict)
     failed_by_category: dict[str, int] = Field(default_factory=dict)
+    retryable_failed: int = 0
     unrequested_results: int = 0
     batches: int = 0
     requests: int = 0
@@ -109,6 +110,7 @@ class WriteReport(BaseModel):
         self.submitted += 1
         self.failed_count += 1
         self.failed_by_category[failure.category] = self.failed_by_category.get(failure.category, 0) + 1
+        self.retryable_failed += failure.retryable
         if keep:
             self.failed.append(failure)
 
@@ -125,7 +127,7 @@ class WriteReport(BaseModel):
         self.superseded += 1
 
     def __iadd__(self, other: WriteReport) -> WriteReport:
-        for name in ("submitted", "succeeded", "superseded", "failed_count", "unrequested_results", "batches",
+        for name in ("submitted", "succeeded", "superseded", "failed_count", "retryable_failed", "unrequested_results", "batches",
                      "requests", "retries", "rate_limited"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.elapsed_s = round(self.elapsed_s + other.elapsed_s, 3)

@@ -16,7 +16,8 @@ from hubspot_provider.operators import HubSpotWriteStatusesOperator
 
 OCCURRED_AT = "2024-05-01T12:00:00Z"
 SUMMARY_KEYS = {
-    "submitted", "succeeded", "changed", "unchanged", "superseded", "failed", "skipped", "failed_by_category",
+    "submitted", "succeeded", "changed", "unchanged", "superseded", "failed", "retryable_failed", "skipped",
+    "failed_by_category",
     "reasons", "dead_letter_uri", "dead_letter_files", "ledger_uri", "ledger_records", "requests", "retries",
     "rate_limited", "deferrals", "elapsed_s", "records_per_s",
 }

@@ -530,6 +530,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             "unchanged": unchanged,
             "superseded": report.superseded,
             "failed": report.failed_count,
+            "retryable_failed": report.retryable_failed,
             "skipped": progress.skipped,
             "failed_by_category": dict(sorted(report.failed_by_category.items())),
             "reasons": dict(sorted(report.reasons.items())),
