@@ -173,12 +173,18 @@ def test_results_for_keys_never_sent_confirm_nothing(connect):
     assert report.failed_by_category == {"NO_RESULT": 2}
 
 
-@pytest.mark.parametrize("batch_status", ["CANCELED", "PENDING", "PROCESSING"])
+@pytest.mark.parametrize("batch_status", ["CANCELED", "PENDING", "PROCESSING", None])
 def test_a_batch_that_is_not_complete_confirms_nothing(connect, batch_status):
-    with HostileServer(lambda seen: Reply(200, batch_answer(seen, status=batch_status))) as api:
+    def answer(seen: Seen) -> Reply:
+        body = batch_answer(seen, status=batch_status)
+        if batch_status is None:
+            del body["status"]  # a cache or a replayed answer without HubSpot's batch status
+        return Reply(200, body)
+
+    with HostileServer(answer) as api:
         report = consistent(HubSpotHook(connect(api)).write_statuses(rows(4)))
     assert report.succeeded == 0 and report.failed_by_category == {UNCONFIRMED: 4}
-    assert all(batch_status in f.message and f.retryable for f in report.failed)
+    assert all(str(batch_status) in f.message and f.retryable for f in report.failed)
 
 
 # --------------------------------------------------------------------------- 4. malformed answers
@@ -255,6 +261,7 @@ def test_string_context_in_an_item_error_maps_to_its_input(connect):
         report = consistent(HubSpotHook(connect(api)).write_statuses(rows(3)))
     assert report.succeeded == 2 and report.failed_by_category == {"OBJECT_NOT_FOUND": 1}
     assert report.failed[0].input["subscriberIdString"] == "user2@example.com"
+    assert not report.failed[0].retryable  # mapped through the context, not left unmapped (retryable)
 
 
 # --------------------------------------------------------------------------- 6. a 400 that is not HubSpot's
@@ -268,6 +275,29 @@ def test_an_html_400_from_a_proxy_is_not_a_verdict_on_any_input(connect):
     assert len(api.seen) == 1  # no bisection down to single inputs
     report = caught.value.partial_report
     assert report.failed_count == 0  # nothing dead-lettered as a non-retryable VALIDATION_ERROR
+
+
+def test_a_gateways_json_400_is_not_hubspots_verdict_either(connect):
+    with HostileServer(lambda seen: Reply(400, {"message": "Forbidden"})) as api:
+        with pytest.raises(HubSpotRequestError, match="not HubSpot's JSON error"):
+            HubSpotHook(connect(api)).write_statuses(rows(8))
+    assert len(api.seen) == 1
+
+
+def test_an_item_error_is_tied_to_whole_tokens_only(connect):
+    def answer(seen: Seen) -> Reply:
+        body = batch_answer(seen, results=[])
+        body["errors"] = [{"status": "error", "category": "OBJECT_NOT_FOUND",
+                           "message": "Subscription 1001 does not exist for subscriber jimbob@example.com"}]
+        return Reply(207, body)
+
+    inputs = [{"subscriberIdString": e, "subscriptionId": 1001, "statusState": "SUBSCRIBED"}
+              for e in ("bob@example.com", "jimbob@example.com")]
+    with HostileServer(answer) as api:
+        report = consistent(HubSpotHook(connect(api)).write_statuses(inputs))
+    by_email = {f.input["subscriberIdString"]: f for f in report.failed}
+    assert by_email["jimbob@example.com"].category == "OBJECT_NOT_FOUND"
+    assert by_email["bob@example.com"].category == "NO_RESULT" and by_email["bob@example.com"].retryable
 
 
 # --------------------------------------------------------------------------- 7. secrets in error text
@@ -293,6 +323,63 @@ def test_an_echoed_authorization_header_never_reaches_errors_or_logs(connect, ta
         assert TOKEN not in text
         assert "user0@example.com" not in text
     assert "***" in str(caught.value)
+
+
+def test_text_is_redacted_before_it_is_cut(connect):
+    # An email and the token right where a 300-character cut would fall: cut first, they would no
+    # longer look like an email or the token, and would leak in part.
+    def handler(seen: Seen) -> Reply:
+        message = "x" * 290 + " user0@example.com " + seen.headers["authorization"]
+        return Reply(404, {"status": "error", "category": "NOT_FOUND", "message": message})
+
+    with HostileServer(handler) as api:
+        with pytest.raises(HubSpotRequestError) as caught:
+            HubSpotHook(connect(api)).write_statuses(rows(1))
+    text = str(caught.value)
+    assert "user0@" not in text and "@example" not in text and "pat-hos" not in text
+
+
+@pytest.mark.parametrize("retry_after", ["inf", "1e12", "nan"])
+def test_an_absurd_retry_after_is_an_error_of_the_hook_not_a_crash(connect, retry_after):
+    from hubspot_provider.exceptions import HubSpotError
+
+    body = {"status": "error", "message": "slow down", "policyName": "TEN_SECONDLY_ROLLING"}
+    with HostileServer(lambda seen: Reply(429, body, headers={"Retry-After": retry_after})) as api:
+        with pytest.raises(HubSpotError) as caught:
+            HubSpotHook(connect(api), max_wait_s=5, max_retries=1, retry_budget_s=3).write_statuses(rows(1))
+    assert caught.value.partial_report is not None
+
+
+def test_an_oauth_error_with_a_numeric_correlation_id_is_an_auth_error(connect):
+    with HostileServer(lambda seen: Reply(400, {"status": "BAD_REFRESH_TOKEN", "message": "no",
+                                                "correlationId": 12345})) as api:
+        conn = connect(api, token=None, client_id="cid", client_secret="sec-ret", refresh_token="ref-resh")
+        with pytest.raises(HubSpotAuthError, match="OAuth token refresh"):
+            HubSpotHook(conn).write_statuses(rows(1))
+
+
+def test_the_deadline_also_guards_connections_through_a_proxy():
+    import requests
+
+    from hubspot_provider.hooks._transport import DeadlineAdapter, _Deadline
+
+    # A proxy (as HTTPS_PROXY would name on a worker) that drips its answer a byte at a time.
+    with HostileServer(lambda seen: Reply(200, "x" * 200, drip_s=0.05)) as proxy:
+        session = requests.Session()
+        session.mount("http://", DeadlineAdapter(max_retries=0))
+        session.trust_env = False
+
+        def call():
+            with _Deadline(1.0) as deadline:
+                try:
+                    session.get("http://hubspot.invalid/x", proxies={"http": proxy.url}, timeout=(5, 5))
+                except requests.RequestException:
+                    pass  # or a truncated answer: the transport judges by the deadline, not by this
+            return deadline.expired
+
+        # The dripped answer would take 15 s; the watchdog cut the proxy's socket at 1 s.
+        assert finishes(call, seconds=10) is True
+    assert proxy.seen and proxy.seen[0].path == "/x"
 
 
 def test_an_echoed_token_in_an_item_error_never_reaches_the_dead_letter(connect):

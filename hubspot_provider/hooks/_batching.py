@@ -11,6 +11,7 @@ and never credited to anything.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -46,8 +47,13 @@ from hubspot_provider.results import (
 __all__ = ["BatchWriter", "WRITE_SCOPE"]
 
 WRITE_SCOPE = "communication_preferences.statuses.batch.write"
-# A batch answer proves its results only when HubSpot says the batch completed (or says nothing).
-_COMPLETE = {None, "COMPLETE"}
+# A batch answer proves its results only when HubSpot says the batch completed.
+_COMPLETE = {"COMPLETE"}
+
+
+def _cut(redact: Redactor, value: Any, limit: int) -> str:
+    """HubSpot's words, redacted first and only then cut: a cut email or secret no longer matches."""
+    return (redact(str(value)) or "")[:limit]
 
 
 def _value(member: Any) -> Any:
@@ -277,7 +283,7 @@ class BatchWriter:
         if batch_status not in _COMPLETE:
             return self._unconfirmed(
                 items,
-                f"HubSpot reported the batch {str(batch_status)[:40]}, not COMPLETE, so none of its writes is "
+                f"HubSpot reported the batch {_cut(self.redact, batch_status, 40)}, not COMPLETE, so none of its writes is "
                 "confirmed; re-sending is safe",
                 sent,
             )
@@ -296,8 +302,9 @@ class BatchWriter:
             result.failed.append((FailedInput(
                 index=item.index, input=item.wire, category=UNCONFIRMED,
                 message=self.redact(
-                    f"HubSpot answered status {str(got)[:40]} for this subscription, not the requested {wanted} "
-                    f"(setStatusSuccessReason {str(reason)[:60]}, source {str(status.source)[:60]}); the write is "
+                    f"HubSpot answered status {_cut(self.redact, got, 40)} for this subscription, not the requested "
+                    f"{wanted} (setStatusSuccessReason {_cut(self.redact, reason, 60)}, source "
+                    f"{_cut(self.redact, status.source, 60)}); the write is "
                     "not confirmed. Check the contact in HubSpot, then replay"
                 ),
                 retryable=True, correlation_id=correlation_id), sent))
@@ -316,7 +323,7 @@ class BatchWriter:
         for item in remaining.values():
             if unmapped:
                 categories = sorted({e.category or "UNKNOWN" for e in unmapped})
-                messages = "; ".join((e.message or "")[:200] for e in unmapped[:3])
+                messages = "; ".join(_cut(self.redact, e.message or "", 200) for e in unmapped[:3])
                 failure = FailedInput(
                     index=item.index, input=item.wire,
                     category=self.redact(categories[0]) if len(categories) == 1 else UNMAPPED_ERROR,
@@ -327,7 +334,7 @@ class BatchWriter:
             else:
                 failure = FailedInput(
                     index=item.index, input=item.wire, category=NO_RESULT,
-                    message=f"HubSpot's response (batch {str(batch_status)[:40]}) had no result or error for this "
+                    message=f"HubSpot's response (batch {_cut(self.redact, batch_status, 40)}) had no result or error for this "
                     "input; re-sending it is safe",
                     retryable=True, correlation_id=correlation_id)
             result.failed.append((failure, sent))
@@ -361,5 +368,10 @@ def _error_keys(error: StandardError, candidates: dict[StatusKey, _Item]) -> lis
             return keys
     message = (error.message or "").lower()
     if message:
-        return [key for key in candidates if key[0] in message and str(key[1]) in message]
+        # Whole tokens only: "bob@x.com" must not match "jimbob@x.com", nor id 10 match 10015.
+        return [
+            key for key in candidates
+            if re.search(rf"(?<![\w.+-]){re.escape(key[0])}(?![\w-])", message)
+            and re.search(rf"(?<!\d){key[1]}(?!\d)", message)
+        ]
     return []

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import socket
@@ -105,9 +106,11 @@ class Redactor:
         for value in new:
             mask_secret(value)
 
-    def __call__(self, text: str | None) -> str | None:
-        if not text:
+    def __call__(self, text: Any) -> str | None:
+        if text is None or text == "":
             return text
+        if not isinstance(text, str):
+            text = str(text)
         for secret in self._secrets:
             text = text.replace(secret, "***")
         text = _BEARER.sub(r"\1 ***", text)
@@ -149,6 +152,12 @@ class _Deadline:
     def __exit__(self, *exc_info: object) -> None:
         self._timer.cancel()
         _current.deadline = None
+
+    def detach(self) -> None:
+        """Forget the sockets: the connection is about to go back to the pool for another request."""
+        with self._lock:
+            self._sockets = []
+            self._timer.cancel()
 
     def attach(self, sock: Any) -> None:
         if sock is None:
@@ -216,6 +225,14 @@ class DeadlineAdapter(HTTPAdapter):
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        # Behind an HTTP(S) proxy (HTTPS_PROXY on a worker) requests uses a manager of its own; its
+        # connections must obey the deadline too. (SOCKS proxies bring their own connection classes.)
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):
+            manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        return manager
+
 
 # ---------------------------------------------------------------------------------- the answer
 
@@ -264,7 +281,11 @@ class HubSpotResponse:
             body = ErrorBody.model_validate(doc)
         except (ValueError, ValidationError):
             return None
-        return body if (body.message or body.category) else None
+        # HubSpot's error bodies say "status": "error" and carry a category or a correlation id; a
+        # gateway's {"message": "Forbidden"} is not HubSpot's verdict on any input.
+        if (body.status or "").lower() != "error" or not (body.category or body.correlation_id):
+            return None
+        return body
 
 
 @dataclass
@@ -401,7 +422,7 @@ class Transport:
             exc = retry_state.outcome.exception() if retry_state.outcome else None
             self.log.warning(
                 "HubSpot request failed (%s); retry %d/%d in %.1fs",
-                exc, retry_state.attempt_number, self.max_retries, retry_state.upcoming_sleep,
+                self.redact(str(exc)), retry_state.attempt_number, self.max_retries, retry_state.upcoming_sleep,
             )
 
         retrying = tenacity.Retrying(
@@ -453,11 +474,17 @@ class Transport:
         url = self.base_url + path
         headers = {"Content-Type": content_type} if content_type else {}
         generation = 0
+        began = time.monotonic()
         if authorize:
             token, generation = self._auth.token()
             headers["Authorization"] = f"Bearer {token}"
-        if not self.pacer.acquire(timeout=deadline_s):
+        if not self.pacer.acquire(timeout=max(0.0, deadline_s - (time.monotonic() - began))):
             raise _Transient("no room under HubSpot's rate limit within the retry budget")
+        # What a token refresh or the pacer's wait used comes off this attempt's time.
+        deadline_s -= time.monotonic() - began
+        if deadline_s <= 0:
+            self.pacer.release(None)
+            raise _Transient("the retry budget ran out while waiting for room under the rate limit")
         status: int | None = None
         response_headers: Mapping[str, str] | None = None
         try:
@@ -473,6 +500,8 @@ class Transport:
                         status, response_headers = raw.status_code, raw.headers
                         content = self._read_body(raw, method, path)
                     finally:
+                        expired = deadline.expired
+                        deadline.detach()
                         raw.close()
                 except requests.exceptions.SSLError as exc:
                     raise self._tls_error(exc) from None
@@ -485,7 +514,7 @@ class Transport:
                     raise HubSpotRequestError(
                         f"{method} {path} could not be sent ({type(exc).__name__}); check the connection's host"
                     ) from None
-                if deadline.expired:
+                if expired:
                     raise _Transient(f"no complete answer within the {deadline_s:.0f}s request deadline")
         finally:
             self.pacer.release(response_headers, rate_limited=status == 429)
@@ -610,7 +639,7 @@ class Transport:
             )
         raise HubSpotRequestError(
             f"HubSpot answered {method} {path} with HTTP {status} ({error.category or 'error'}: "
-            f"{(error.message or '')[:300]}). Check the connection's host and api_version",
+            f"{(self.redact(error.message) or '')[:300]}). Check the connection's host and api_version",
             status_code=status, correlation_id=correlation_id, category=error.category,
         )
 
@@ -620,9 +649,11 @@ class Transport:
         if value is None:
             return None
         try:
-            return max(0.0, float(value))
+            seconds = float(value)
         except ValueError:
             return None
+        # A hostile or broken value (inf, nan, 1e12) must not overflow a datetime: a day at most.
+        return min(max(0.0, seconds), 86_400.0) if math.isfinite(seconds) else None
 
     def _rate_limited(self, answer: HubSpotResponse, stats: Stats) -> Exception:
         try:

@@ -410,8 +410,9 @@ class HubSpotHook(BaseHook):
             detail = body.get("error_description") or body.get("message") or "no detail"
             raise self.redact.scrub(HubSpotAuthError(
                 f"{what} failed with HTTP {answer.status_code} ({body.get('status') or body.get('error') or 'error'}: "
-                f"{str(detail)[:300]}); check client_id, client_secret and refresh_token",
-                status_code=answer.status_code, correlation_id=body.get("correlationId"),
+                f"{(self.redact(str(detail)) or '')[:300]}); check client_id, client_secret and refresh_token",
+                status_code=answer.status_code,
+                correlation_id=body["correlationId"] if isinstance(body.get("correlationId"), str) else None,
             ))
         token = body.get("access_token")
         if not token or not isinstance(token, str):
