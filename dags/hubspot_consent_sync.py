@@ -192,6 +192,7 @@ def hubspot_consent_sync() -> None:
         hubspot_conn_id="{{ params.hubspot_conn_id }}",
         batch_size="{{ params.batch_size }}",
         max_failed_ratio=None,  # one policy per run, applied by the outcome task over everything
+        inputs_validated=True,  # validate wrote them: they are sent as they are
         deferrable=True,
         pool=consent.HUBSPOT_POOL,
         on_failure_callback=ALERT_NOTIFIERS,

@@ -259,6 +259,25 @@ def test_without_a_ratio_the_operator_leaves_the_judgement_to_the_run(emulator, 
     assert (summary["submitted"], summary["failed"]) == (3, 3)
 
 
+def test_inputs_a_validate_step_wrote_are_sent_without_a_second_check(emulator, conn, tmp_path, monkeypatch):
+    from hubspot_provider.hooks.hubspot import HubSpotHook
+
+    checked: list = []
+    original = HubSpotHook.validate
+    monkeypatch.setattr(HubSpotHook, "validate", lambda self, value: checked.append(value) or original(self, value))
+    good = rows(3)
+    for item in good:
+        item["channel"] = "EMAIL"  # the wire form validate writes
+    snake = {"subscriber_id_string": "snake@example.com", "subscription_id": 1001, "status_state": "SUBSCRIBED"}
+    bad = {"subscriberIdString": "x@example.com", "subscriptionId": "1001", "statusState": "SUBSCRIBED"}
+    uri = staged(tmp_path / "in.jsonl", good + [snake, bad])
+    summary = operator(input_uri=uri, inputs_validated=True).execute(context={})
+    # Wire lines go as they are; the rest is still checked: snake_case is accepted, a string id is not.
+    assert (summary["succeeded"], summary["failed_by_category"]) == (4, {"INVALID_INPUT": 1})
+    assert emulator.status_of("snake@example.com", 1001)["status"] == "SUBSCRIBED"
+    assert checked == [snake, bad]  # only the lines not in wire form were validated again
+
+
 def _daily_limited(hubspot_emulator_factory, hubspot_conn, **kwargs):
     emulator = hubspot_emulator_factory(daily_limit=3, **kwargs)
     hubspot_conn(emulator)

@@ -70,6 +70,23 @@ SCOPES = {
 """Which scope each method needs (any one of those joined by "or")."""
 
 _SECRET_EXTRAS = {"client_secret", "refresh_token"}
+_WIRE_KEYS = frozenset(field.alias for field in PublicStatusRequest.model_fields.values())
+
+
+class _Validated:
+    """A wire dict a validate step already produced: its key and wire form, without a second check."""
+
+    __slots__ = ("_wire",)
+
+    def __init__(self, wire: dict[str, Any]) -> None:
+        self._wire = wire
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self._wire["subscriberIdString"].lower(), self._wire["subscriptionId"], "EMAIL")
+
+    def to_wire(self) -> dict[str, Any]:
+        return self._wire
 
 
 def _loopback(hostname: str | None) -> bool:
@@ -519,6 +536,17 @@ class HubSpotHook(BaseHook):
             return PublicStatusRequest.model_validate(value.model_dump(), context=context) if context else value
         return PublicStatusRequest.model_validate(value, context=context)
 
+    def _already_validated(self, value: Any) -> Any:
+        # The validate step wrote exactly PublicStatusRequest.to_wire(); anything else is checked again.
+        if (
+            type(value) is dict and type(value.get("subscriberIdString")) is str
+            and type(value.get("subscriptionId")) is int and value.get("channel") == "EMAIL"
+            and type(value.get("statusState")) is str and value.keys() <= _WIRE_KEYS
+            and (not self.require_legal_basis or ("legalBasis" in value and "legalBasisExplanation" in value))
+        ):
+            return _Validated(value)
+        return self.validate(value)
+
     def write_statuses(
         self,
         inputs: Iterable[Mapping[str, Any] | PublicStatusRequest],
@@ -527,6 +555,7 @@ class HubSpotHook(BaseHook):
         on_failed: Callable[[FailedInput], None] | None = None,
         keep_failed: bool = True,
         on_outcome: Callable[[InputOutcome], None] | None = None,
+        validated: bool = False,
     ) -> WriteReport:
         """Write subscription statuses, in batches, and account for every input.
 
@@ -565,12 +594,16 @@ class HubSpotHook(BaseHook):
         :param on_outcome: called with an :class:`~hubspot_provider.results.InputOutcome` for every input
             that was sent, succeeded or failed: when, in how many attempts, and what HubSpot answered
             (the operator's ledger is built from these).
+        :param validated: the inputs are wire dicts this hook's :meth:`validate` already produced (a
+            validate step ran before): they are sent as they are, not validated again. One that is
+            not in wire form is still validated, so nothing unchecked goes out by mistake.
         """
         size = batch_size or self.batch_size  # checks every setting before any input is read
         if not 1 <= size <= 1000:
             raise HubSpotConfigError(f"batch_size must be between 1 and 1000, got {size}")
         writer = BatchWriter(
-            transport=self._transport, path=f"{self.api_base_path}/statuses/batch/write", validate=self.validate,
+            transport=self._transport, path=f"{self.api_base_path}/statuses/batch/write",
+            validate=self._already_validated if validated else self.validate,
             max_concurrency=self.max_concurrency, redact=self.redact, log=self.log,
         )
         return writer.write(inputs, batch_size=size, on_failed=on_failed, keep_failed=keep_failed,

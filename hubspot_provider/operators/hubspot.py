@@ -216,6 +216,9 @@ class HubSpotWriteStatusesOperator(BaseOperator):
     :param audit_conn_id: optional SQL connection (common-sql) the ledger is also appended to; empty
         or ``None`` for files only. Templated.
     :param audit_table: that connection's ledger table (see :data:`hubspot_provider.ledger.LEDGER_DDL`).
+    :param inputs_validated: the staged inputs were written by a validate step (the consent sync's
+        ``validate`` task): they are sent as they are, not validated a second time. A line that is not
+        in wire form is still validated.
     :param ledger: ``False`` writes no ledger at all (not recommended: nothing would prove what was
         written; it exists to measure the ledger's cost).
     """
@@ -251,6 +254,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         audit_conn_id: str | None = None,
         audit_table: str = "hubspot_consent_ledger",
         ledger: bool = True,
+        inputs_validated: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -278,6 +282,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         self.audit_conn_id = audit_conn_id
         self.audit_table = audit_table
         self.ledger = ledger
+        self.inputs_validated = inputs_validated
         self._rendered_inputs: list[Any] | None = None
         self._ledger: ObjectStoragePath | None = None
         self._sql_ledger: SqlLedger | None = None
@@ -480,7 +485,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             audit.append((record.line, ledger_record(outcome, occurred_at=record.occurred_at, **self._ledger_context)))
 
         report = self.hook.write_statuses(
-            (r.value for r in sendable), batch_size=self._batch_size,
+            (r.value for r in sendable), batch_size=self._batch_size, validated=self.inputs_validated,
             on_outcome=record_outcome if (self._ledger is not None or self._sql_ledger is not None) else None,
         )
         for failure in report.failed:
