@@ -436,6 +436,20 @@ def test_the_ledger_records_every_status_sent_with_hubspots_answer(emulator, con
         assert db.execute("SELECT count(*) FROM hubspot_consent_ledger").fetchone() == (22,)
 
 
+def test_a_segment_is_checkpointed_only_once_its_ledger_is_written(emulator, conn, tmp_path, monkeypatch):
+    import sqlite3
+
+    audit_db = tmp_path / "audit.db"
+    sqlite3.connect(audit_db).close()  # no ledger table: the SQL write-back fails
+    monkeypatch.setenv("AIRFLOW_CONN_AUDIT_DB", json.dumps({"conn_type": "sqlite", "host": str(audit_db)}))
+    uri = staged(tmp_path / "in.jsonl", rows(20))
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        operator(input_uri=uri, batch_size=5, segment_size=5, audit_conn_id="audit_db").execute(context={})
+    checkpoint = tmp_path / "in.jsonl.checkpoint.json"
+    # Segments were sent, but none is marked done: a retry sends them again and writes their ledger.
+    assert not checkpoint.exists() or json.loads(checkpoint.read_text())["progress"]["lines_done"] == 0
+
+
 def _interrupted_after_20_of_60(emulator, hubspot_conn, tmp_path) -> tuple[str, Path]:
     hubspot_conn(emulator, max_retries=1)
     uri = staged(tmp_path / "in.jsonl", rows(60))

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -323,7 +324,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Write every input (resuming from a checkpoint when one exists) and return the summary."""
-        return self._run(context, None, resuming=False)
+        return self._run_with_ledger_writer(context, None, resuming=False)
 
     def execute_complete(
         self, context: Context, event: Any = None, progress: dict[str, Any] | None = None
@@ -339,7 +340,16 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             ti = context.get("ti") if context else None
             if ti is not None:
                 progress = ti.xcom_pull(task_ids=ti.task_id, key=PROGRESS_XCOM_KEY, map_indexes=ti.map_index)
-        return self._run(context, progress, resuming=True)
+        return self._run_with_ledger_writer(context, progress, resuming=True)
+
+    def _run_with_ledger_writer(
+        self, context: Context, resumed: dict[str, Any] | None, *, resuming: bool
+    ) -> dict[str, Any]:
+        self._ledger_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubspot-ledger")
+        try:
+            return self._run(context, resumed, resuming=resuming)
+        finally:
+            self._ledger_writer.shutdown(wait=True)
 
     # ------------------------------------------------------------------ the run
 
@@ -372,24 +382,47 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         total = self._count_lines(staged) if staged is not None else len(self._inline_items())
         mark = time.monotonic()
 
-        def save() -> None:
+        # A segment's ledger is built and written by a background writer while the next segment is
+        # sent. Its checkpoint is saved only once that ledger is written, so the checkpoint on disk
+        # lags one segment: a resume may send a segment again (harmless), never skip its ledger.
+        pending: tuple[Future[None] | None, dict[str, Any]] | None = None
+
+        def tick() -> None:
             nonlocal mark
             now = time.monotonic()
             progress.elapsed_s = round(progress.elapsed_s + now - mark, 3)
             mark = now
+
+        def settle() -> None:
+            nonlocal pending
+            if pending is not None:
+                job, snapshot = pending
+                pending = None
+                if job is not None:
+                    job.result()
+                if staged is not None:
+                    self._save_checkpoint(staged, snapshot, segment_size)
+
+        def save() -> None:
+            settle()
+            tick()
             if staged is not None:
-                self._save_checkpoint(staged, progress, segment_size)
+                self._save_checkpoint(staged, progress.to_dict(), segment_size)
 
         while True:
             try:
                 for segment in self._segments(staged, progress, segment_size):
-                    self._write_segment(segment, progress, dead_letters, prefix)
+                    job = self._write_segment(segment, progress, dead_letters, prefix)
                     if staged is not None:
                         # The reader is suspended right after the segment's last line: that is what is done.
                         self._done_hash = self._reading_hash.copy()
                         progress.prefix_sha256 = self._done_hash.hexdigest()
-                    save()
+                    tick()
+                    snapshot = progress.to_dict()
+                    settle()
+                    pending = (job, snapshot)
                     self.log.info("%s", _progress_line(progress, total))
+                settle()
                 break
             except HubSpotRateLimitError as exc:
                 progress.add_traffic(exc.partial_report)
@@ -472,17 +505,19 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         progress: _Progress,
         dead_letters: ObjectStoragePath | None,
         prefix: str,
-    ) -> None:
+    ) -> Future[None] | None:
+        """Send one segment; returns the background job writing its ledger (``None`` when there is none)."""
         sendable = [r for r in segment if r.kind == "input"]
         letters: list[tuple[int, dict[str, Any]]] = [
             (r.line, dead_letter(r.value, INVALID_INPUT, r.error or "not valid JSON", False, None))
             for r in segment if r.kind == "invalid"
         ]
-        audit: list[tuple[int, dict[str, Any]]] = []
+        # Only the raw outcomes here: building and writing the records is the ledger writer's work.
+        audit: list[tuple[int, InputOutcome, Any]] = []
 
         def record_outcome(outcome: InputOutcome) -> None:
             record = sendable[outcome.index]
-            audit.append((record.line, ledger_record(outcome, occurred_at=record.occurred_at, **self._ledger_context)))
+            audit.append((record.line, outcome, record.occurred_at))
 
         report = self.hook.write_statuses(
             (r.value for r in sendable), batch_size=self._batch_size, validated=self.inputs_validated,
@@ -499,16 +534,24 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         if letters and dead_letters is not None:
             self._write_part(dead_letters, part, letters)
             progress.dead_letter_files += 1
+        job = None
         if audit:
-            if self._ledger is not None:
-                self._write_part(self._ledger, part, audit)
-            if self._sql_ledger is not None:
-                self._sql_ledger.append(record for _, record in sorted(audit, key=lambda pair: pair[0]))
+            job = self._ledger_writer.submit(self._write_ledger, part, audit)
             progress.ledger_records += len(audit)
         progress.lines_done = last.line
         progress.file_index, progress.file_line = last.file_index, last.file_line
         progress.segments += 1
         progress.stalled_waits = 0
+        return job
+
+    def _write_ledger(self, part: str, audit: list[tuple[int, InputOutcome, Any]]) -> None:
+        audit.sort(key=lambda item: item[0])
+        context = self._ledger_context
+        records = [ledger_record(outcome, occurred_at=occurred_at, **context) for _, outcome, occurred_at in audit]
+        if self._ledger is not None:
+            write_part(self._ledger, part, records)
+        if self._sql_ledger is not None:
+            self._sql_ledger.append(records)
 
     def _apply_failure_policy(self, summary: dict[str, Any], context: Context) -> None:
         problem = failure_ratio_exceeded(
@@ -722,13 +765,13 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         # Segment boundaries name the dead-letter parts; keep them where the first try put them.
         return progress, int(doc.get("segment_size") or segment_size)
 
-    def _save_checkpoint(self, staged: _Staged, progress: _Progress, segment_size: int) -> None:
+    def _save_checkpoint(self, staged: _Staged, progress: dict[str, Any], segment_size: int) -> None:
         doc = {
             "version": CHECKPOINT_VERSION,
             "input_uri": str(staged.root),
             "files": staged.fingerprint,
             "segment_size": segment_size,
-            "progress": progress.to_dict(),
+            "progress": progress,
         }
         doc["sha256"] = digest(doc)
         staged.checkpoint.write_text(json.dumps(doc, separators=(",", ":")))
