@@ -1082,7 +1082,7 @@ def report_replay(
     :param submitted: the write operator's XCom summary.
     :raises AirflowFailException: when more than ``max_failed_ratio`` of the replayed inputs failed again.
     """
-    dead_letters = count_dead_letters(prepared["dead_letter_uri"])
+    # What failed again is what the write step counted: its dead letters are not read again to count them.
     totals = {
         "replay_uri": prepared["replay_uri"],
         "selected": prepared["selected"],
@@ -1097,8 +1097,8 @@ def report_replay(
         "unchanged": submitted.get("unchanged", 0),
         "failed": submitted.get("failed", 0),
         "failed_by_category": submitted.get("failed_by_category", {}),
-        "dead_letters": dead_letters["total"],
-        "dead_letter_uri": dead_letters["dead_letter_uri"],
+        "dead_letters": submitted.get("failed", 0),
+        "dead_letter_uri": prepared["dead_letter_uri"],
         "requests": submitted.get("requests", 0),
         "records_per_s": submitted.get("records_per_s", 0.0),
     }
