@@ -44,7 +44,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from pydantic import ValidationError
 
 from hubspot_provider.models import PublicStatusRequest, describe_validation_error
-from hubspot_provider.results import INVALID_INPUT, categories_in_words, failure_ratio_exceeded
+from hubspot_provider.results import INVALID_INPUT, WriteReport, categories_in_words, failure_ratio_exceeded
 from hubspot_provider.staging import JsonlWriter, dead_letter, dumps, jsonl_files, read_objects, status_key
 
 __all__ = [
@@ -723,6 +723,26 @@ def count_dead_letters(folder: str | ObjectStoragePath) -> dict[str, Any]:
     }
 
 
+def run_report(submitted: Mapping[str, Any]) -> WriteReport:
+    """The write step's :class:`~hubspot_provider.results.WriteReport`, from its XCom summary.
+
+    The operator puts its report in the summary (``report``); a summary without one (an older
+    operator) is read from its flat counts.
+    """
+    if submitted.get("report"):
+        return WriteReport.model_validate(submitted["report"])
+    unchanged = int(submitted.get("unchanged", 0))
+    changed = int(submitted.get("succeeded", 0)) - unchanged
+    return WriteReport(
+        submitted=int(submitted.get("submitted", 0)), succeeded=int(submitted.get("succeeded", 0)),
+        superseded=int(submitted.get("superseded", 0)), failed_count=int(submitted.get("failed", 0)),
+        failed_by_category=dict(submitted.get("failed_by_category") or {}),
+        reasons={name: count for name, count in (("NO_STATUS_CHANGE", unchanged), ("CHANGED", changed)) if count},
+        requests=int(submitted.get("requests", 0)), retries=int(submitted.get("retries", 0)),
+        rate_limited=int(submitted.get("rate_limited", 0)),
+    )
+
+
 def run_totals(
     extracted: Mapping[str, Any],
     validated: Mapping[str, Any],
@@ -736,20 +756,21 @@ def run_totals(
     interval and are counted apart.
     """
     submitted = submitted or {}
-    by_category: dict[str, int] = {}
-    for name, count in (submitted.get("failed_by_category") or {}).items():
-        by_category[name] = by_category.get(name, 0) + int(count)
+    # One results model: the write step's report, plus the events that failed before it (undecodable
+    # rows, invalid input) as failures of the same kind. Every count below derives from it.
+    report = run_report(submitted)
     local_invalid = int(extracted.get("undecodable", 0)) + int(validated.get("invalid", 0))
     if local_invalid:
-        by_category[INVALID_INPUT] = by_category.get(INVALID_INPUT, 0) + local_invalid
-    failed = local_invalid + int(submitted.get("failed", 0))
+        report += WriteReport(submitted=local_invalid, failed_count=local_invalid,
+                              failed_by_category={INVALID_INPUT: local_invalid})
+    failed = report.failed_count
     totals = {
         "data_interval_start": extracted.get("data_interval_start"),
         "data_interval_end": extracted.get("data_interval_end"),
         "rows_read": extracted.get("rows_read", 0),
         "events_in_interval": extracted.get("in_interval", 0),
         "outside_interval": extracted.get("outside_interval", 0),
-        "superseded": int(extracted.get("superseded", 0)) + int(submitted.get("superseded", 0)),
+        "superseded": int(extracted.get("superseded", 0)) + report.superseded,
         "superseded_later": extracted.get("superseded_later", 0),
         "unplaceable": extracted.get("unplaceable", 0),
         "unplaceable_uri": extracted.get("unplaceable_uri"),
@@ -758,19 +779,19 @@ def run_totals(
         "valid": validated.get("valid", 0),
         "inputs": int(extracted.get("staged", 0)) + int(extracted.get("undecodable", 0)),
         "submitted": submitted.get("submitted", 0),
-        "succeeded": submitted.get("succeeded", 0),
-        "changed": submitted.get("changed", 0),
-        "unchanged": submitted.get("unchanged", 0),
+        "succeeded": report.succeeded,
+        "changed": report.changed,
+        "unchanged": report.reasons.get("NO_STATUS_CHANGE", 0),
         "failed": failed,
-        "failed_by_category": dict(sorted(by_category.items())),
+        "failed_by_category": dict(sorted(report.failed_by_category.items())),
         "dead_letters": (dead_letters or {}).get("total", failed),
         "dead_letter_uri": (dead_letters or {}).get("dead_letter_uri") or validated.get("dead_letter_uri"),
         "run_uri": extracted.get("run_uri"),
         "ledger_uri": submitted.get("ledger_uri"),
         "ledger_records": submitted.get("ledger_records", 0),
-        "requests": submitted.get("requests", 0),
-        "retries": submitted.get("retries", 0),
-        "rate_limited": submitted.get("rate_limited", 0),
+        "requests": report.requests,
+        "retries": report.retries,
+        "rate_limited": report.rate_limited,
         "deferrals": submitted.get("deferrals", 0),
         "elapsed_s": submitted.get("elapsed_s", 0.0),
         "records_per_s": submitted.get("records_per_s", 0.0),

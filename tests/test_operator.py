@@ -19,7 +19,7 @@ SUMMARY_KEYS = {
     "submitted", "succeeded", "changed", "unchanged", "superseded", "failed", "retryable_failed", "skipped",
     "failed_by_category",
     "reasons", "dead_letter_uri", "dead_letter_files", "ledger_uri", "ledger_records", "requests", "retries",
-    "rate_limited", "deferrals", "elapsed_s", "records_per_s",
+    "rate_limited", "deferrals", "elapsed_s", "records_per_s", "report",
 }
 
 

@@ -592,6 +592,8 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             "deferrals": progress.deferrals,
             "elapsed_s": round(elapsed, 3),
             "records_per_s": round(report.submitted / elapsed, 1) if elapsed > 0 else 0.0,
+            # The one results model itself (counts only), for the run's totals downstream.
+            "report": report.model_dump(mode="json", exclude={"failed"}),
         }
 
     def _open_ledger(self, context: Context | None, dead_letters: ObjectStoragePath | None) -> None:
