@@ -8,6 +8,8 @@ A run keeps its files under ``<storage_uri>/<run id>/`` (any Airflow object-stor
     staged/events.jsonl          latest event per (email, subscription, EMAIL) in the data interval
     validated/statuses.jsonl     the staged events that pass PublicStatusRequest validation
     dead-letters/*.jsonl         every event of the interval that did not land, with category and reason
+    superseded/part-extract.jsonl   every event of the interval a later event of its key superseded,
+                                 named with when that event happened
     unplaceable/part-extract.jsonl  rows whose occurred_at fits no data interval (NULL, unreadable,
                                  impossible): listed by every run until fixed, in no day's failure ratio
     audit/*.jsonl                the ledger: one audit record per status sent (personal data)
@@ -99,6 +101,8 @@ EXTRACT_DEAD_LETTERS = "part-extract.jsonl"
 UNPLACEABLE_FOLDER = "unplaceable"
 UNPLACEABLE_FILE = "part-extract.jsonl"
 UNPLACEABLE = "UNPLACEABLE"
+SUPERSEDED = "SUPERSEDED"
+SUPERSEDED_FOLDER = "superseded"
 """Category of a row whose ``occurred_at`` cannot be placed in any data interval."""
 VALIDATE_DEAD_LETTERS = "part-validate.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -400,7 +404,9 @@ class _LatestPerKey:
         self._db.executescript(
             "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; "
             "CREATE TABLE latest (key TEXT PRIMARY KEY, at_us INTEGER NOT NULL, seq INTEGER NOT NULL, "
-            "line TEXT NOT NULL, later INTEGER NOT NULL DEFAULT 0);"
+            "line TEXT NOT NULL, later INTEGER NOT NULL DEFAULT 0, later_us INTEGER);"
+            # Every event, so that each one superseded can be named with the event that superseded it.
+            "CREATE TABLE events (key TEXT NOT NULL, seq INTEGER NOT NULL, line TEXT NOT NULL);"
         )
         self._pending: list[tuple[str, int, int, str]] = []
         self._later: list[tuple[str, int]] = []
@@ -427,8 +433,13 @@ class _LatestPerKey:
             "WHERE excluded.at_us >= latest.at_us",
             self._pending,
         )
+        self._db.executemany("INSERT INTO events (key, seq, line) VALUES (?, ?, ?)",
+                             [(key, seq, line) for key, _, seq, line in self._pending])
         self._pending.clear()
-        self._db.executemany("UPDATE latest SET later = 1 WHERE key = ? AND at_us < ?", self._later)
+        self._db.executemany(
+            "UPDATE latest SET later = 1, later_us = max(ifnull(later_us, 0), ?2) WHERE key = ?1 AND at_us < ?2",
+            self._later,
+        )
         self._later.clear()
 
     def write_lines(self, handle: IO[str]) -> int:
@@ -439,6 +450,28 @@ class _LatestPerKey:
             handle.write(line + "\n")
             written += 1
         return written
+
+    def write_superseded(self, writer: JsonlWriter) -> int:
+        """Name every event that did not reach HubSpot because a later one of the same key decides.
+
+        Each is written in the dead-letter shape with category ``SUPERSEDED`` and, in the message,
+        when the event that superseded it happened. Returns how many.
+        """
+        self._flush()
+        rows = self._db.execute(
+            "SELECT e.line, l.at_us, l.later_us FROM events e JOIN latest l ON l.key = e.key "
+            "WHERE e.seq != l.seq OR l.later = 1 ORDER BY e.seq"
+        )
+        for line, winner_us, later_us in rows:
+            staged = json.loads(line)
+            if later_us is not None:
+                at = _iso_z(_EPOCH + timedelta(microseconds=later_us))
+                why = f"superseded by an event of the same key at {at}, after this run's interval; that event's run writes it"
+            else:
+                at = _iso_z(_EPOCH + timedelta(microseconds=winner_us))
+                why = f"superseded by a later event of the same key at {at} in this interval"
+            writer.write(dead_letter(staged["input"], SUPERSEDED, why, False, staged["occurredAt"]))
+        return writer.count
 
     def earliest(self) -> datetime | None:
         self._flush()
@@ -536,6 +569,7 @@ def extract_consent_events(
     sql, parameters = _source_query(table, conn_type, placeholder, start, end)
 
     unplaceable_file = run / UNPLACEABLE_FOLDER / UNPLACEABLE_FILE
+    superseded_file = run / SUPERSEDED_FOLDER / EXTRACT_DEAD_LETTERS
     counts = {"rows_read": 0, "in_interval": 0, "outside_interval": 0, "unplaceable": 0, "undecodable": 0}
     with tempfile.TemporaryDirectory(prefix="hubspot-consent-") as scratch_dir:
         latest = _LatestPerKey(scratch_dir)
@@ -587,6 +621,8 @@ def extract_consent_events(
             staged_file.parent.mkdir(parents=True, exist_ok=True)
             with staged_file.open("w", encoding="utf-8") as handle:
                 staged = latest.write_lines(handle)
+            with JsonlWriter(superseded_file) as superseded_writer:
+                superseded_rows = latest.write_superseded(superseded_writer)
         finally:
             latest.close()
 
@@ -599,6 +635,7 @@ def extract_consent_events(
         "run_uri": str(run),
         "dead_letter_uri": str(dead_letters),
         "unplaceable_uri": str(unplaceable_file) if counts["unplaceable"] else None,
+        "superseded_uri": str(superseded_file) if superseded_rows else None,
         "data_interval_start": start.isoformat(),
         "data_interval_end": end.isoformat(),
     }
@@ -772,6 +809,7 @@ def run_totals(
         "outside_interval": extracted.get("outside_interval", 0),
         "superseded": int(extracted.get("superseded", 0)) + report.superseded,
         "superseded_later": extracted.get("superseded_later", 0),
+        "superseded_uri": extracted.get("superseded_uri"),
         "unplaceable": extracted.get("unplaceable", 0),
         "unplaceable_uri": extracted.get("unplaceable_uri"),
         "staged": extracted.get("staged", 0),

@@ -241,6 +241,28 @@ def test_unplaceable_rows_are_listed_by_every_run_never_dropped(source, run):
     assert other["unplaceable"] == 7 and other["in_interval"] == 0 and other["staged"] == 0
 
 
+def test_every_superseded_event_is_named_with_the_event_that_superseded_it(source, run):
+    source([
+        event("ada@example.com", "2026-03-10 08:00:00", "SUBSCRIBED"),
+        event("ADA@example.com", "2026-03-10 09:00:00", "UNSUBSCRIBED"),  # same key: supersedes the first
+        event("ada@example.com", "2026-03-10 10:00:00", "SUBSCRIBED"),    # ...and this one wins
+        event("bob@example.com", "2026-03-10 10:00:00", "SUBSCRIBED"),
+        event("bob@example.com", "2026-03-12 10:00:00", "UNSUBSCRIBED"),  # after the interval
+        event("cy@example.com", "2026-03-10 10:00:00", "SUBSCRIBED"),
+    ])
+    counts = extract(run)
+    assert (counts["staged"], counts["superseded"], counts["superseded_later"]) == (2, 2, 1)
+    named = read_jsonl(run / "superseded" / "part-extract.jsonl")
+    assert len(named) == counts["superseded"] + counts["superseded_later"]
+    assert [(d["input"]["subscriberIdString"], d["occurredAt"]) for d in named] == [
+        ("ada@example.com", "2026-03-10T08:00:00Z"), ("ADA@example.com", "2026-03-10T09:00:00Z"),
+        ("bob@example.com", "2026-03-10T10:00:00Z"),
+    ]
+    assert all(d["category"] == "SUPERSEDED" for d in named)
+    assert "at 2026-03-10T10:00:00Z in this interval" in named[0]["message"]
+    assert "at 2026-03-12T10:00:00Z, after this run's interval" in named[2]["message"]
+
+
 def test_rows_without_a_key_never_share_one(source, run):
     source([event(None, "2026-03-10 10:00:00"), event(None, "2026-03-10 11:00:00"),
             event(None, "2026-03-10 12:00:00"), event("ok@example.com", "2026-03-10 10:00:00")])
