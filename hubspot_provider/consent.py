@@ -311,27 +311,19 @@ def _source_query(
         # date); the exact [start, end) filter is applied in Python.
         low = (start - timedelta(days=1)).date().isoformat()
         high = ((end + timedelta(days=1)).date() + timedelta(days=1)).isoformat()
-        where = f"{_SQLITE_PLACEABLE} AND occurred_at >= {placeholder} AND occurred_at < {placeholder}"
+        # Rows no interval's window can hold (NULL, text that is not a real date first) are read by
+        # every run, in the same scan, so they are reported until fixed at the source.
+        where = (
+            f"occurred_at IS NULL OR NOT {_SQLITE_PLACEABLE} "
+            f"OR (occurred_at >= {placeholder} AND occurred_at < {placeholder})"
+        )
         return f"SELECT {columns} FROM {table} WHERE {where}", [low, high]
     # Typed timestamp columns: a day of slack either side absorbs naive TIMESTAMP columns compared with
-    # an aware bound in the session's time zone.
-    where = f"occurred_at >= {placeholder} AND occurred_at < {placeholder}"
+    # an aware bound in the session's time zone; NULLs fit no interval and are read by every run.
+    where = f"occurred_at IS NULL OR (occurred_at >= {placeholder} AND occurred_at < {placeholder})"
     return f"SELECT {columns} FROM {table} WHERE {where}", [
         start - timedelta(days=1), end + timedelta(days=1),
     ]
-
-
-def _unplaceable_query(table: str, conn_type: str) -> str:
-    """Rows no interval's query can find: NULL, and in SQLite any text that is not a real date first.
-
-    Every run reads them, so they are reported until fixed at the source, never silently unseen. (A
-    row that passes this test but still fails to parse, like ``2026-03-10 25:00``, is found by the
-    runs whose window holds its date.)
-    """
-    columns = ", ".join(SOURCE_COLUMNS)
-    if conn_type == "sqlite":
-        return f"SELECT {columns} FROM {table} WHERE occurred_at IS NULL OR NOT {_SQLITE_PLACEABLE}"
-    return f"SELECT {columns} FROM {table} WHERE occurred_at IS NULL"
 
 
 def _later_query(table: str, conn_type: str, placeholder: str, since: datetime) -> tuple[str, list[Any]]:
@@ -610,9 +602,6 @@ def extract_consent_events(
                     latest.add(status_key(record), moment, line)
 
                 for row in _iter_source_rows(hook, conn_type, sql, parameters, fetch_size):
-                    take(row)
-                for row in _iter_source_rows(hook, conn_type, _unplaceable_query(table, conn_type), [],
-                                             fetch_size):
                     take(row)
             counts["unplaceable"], counts["undecodable"] = unplaceable.count, undecodable.count
             if later_events_supersede and latest.added:
