@@ -48,7 +48,7 @@ class FailedInput(BaseModel):
     correlation_id: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InputOutcome:
     """What happened to one input that was sent to HubSpot: the stuff of an audit record.
 
