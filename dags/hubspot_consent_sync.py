@@ -193,6 +193,7 @@ def hubspot_consent_sync() -> None:
         batch_size="{{ params.batch_size }}",
         max_failed_ratio=None,  # one policy per run, applied by the outcome task over everything
         inputs_validated=True,  # validate wrote them: they are sent as they are
+        input_count="{{ ti.xcom_pull(task_ids='validate')['valid'] }}",  # validate counted them
         deferrable=True,
         pool=consent.HUBSPOT_POOL,
         on_failure_callback=ALERT_NOTIFIERS,

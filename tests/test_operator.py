@@ -88,7 +88,7 @@ def test_exactly_one_input_source_is_required():
         operator(inputs=rows(1), max_failed_ratio=1.5)
     op = operator(inputs=rows(1))
     assert op.template_fields == ("inputs", "input_uri", "dead_letter_uri", "hubspot_conn_id", "batch_size",
-                                  "ledger_uri", "audit_conn_id", "audit_table")
+                                  "ledger_uri", "audit_conn_id", "audit_table", "input_count")
 
 
 # --------------------------------------------------------------------------- inline input
@@ -276,6 +276,14 @@ def test_inputs_a_validate_step_wrote_are_sent_without_a_second_check(emulator, 
     assert (summary["succeeded"], summary["failed_by_category"]) == (4, {"INVALID_INPUT": 1})
     assert emulator.status_of("snake@example.com", 1001)["status"] == "SUBSCRIBED"
     assert checked == [snake, bad]  # only the lines not in wire form were validated again
+
+
+def test_progress_is_logged_in_words_against_the_count_an_earlier_step_made(emulator, conn, tmp_path, task_log):
+    uri = staged(tmp_path / "in.jsonl", rows(12))
+    operator(input_uri=uri, batch_size=5, segment_size=6, input_count="24").execute(context={})
+    assert "6 of 24 statuses (25%)" in task_log()  # the given count, not a recount of the file
+    operator(input_uri=uri, batch_size=5, segment_size=6).execute(context={})  # counted by the operator
+    assert "6 of 12 statuses (50%)" in task_log() and "12 of 12 statuses (100%)" in task_log()
 
 
 def _daily_limited(hubspot_emulator_factory, hubspot_conn, **kwargs):

@@ -220,6 +220,9 @@ class HubSpotWriteStatusesOperator(BaseOperator):
     :param inputs_validated: the staged inputs were written by a validate step (the consent sync's
         ``validate`` task): they are sent as they are, not validated a second time. A line that is not
         in wire form is still validated.
+    :param input_count: how many lines the staged input holds, when an earlier step already counted
+        them (the consent sync's ``validate``); the "of N" of the progress log. Without it the operator
+        counts the lines itself before the first segment. Templated.
     :param ledger: ``False`` writes no ledger at all (not recommended: nothing would prove what was
         written; it exists to measure the ledger's cost).
     """
@@ -233,6 +236,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         "ledger_uri",
         "audit_conn_id",
         "audit_table",
+        "input_count",
     )
     ui_color = "#ff7a59"
 
@@ -256,6 +260,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         audit_table: str = "hubspot_consent_ledger",
         ledger: bool = True,
         inputs_validated: bool = False,
+        input_count: int | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -284,6 +289,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         self.audit_table = audit_table
         self.ledger = ledger
         self.inputs_validated = inputs_validated
+        self.input_count = input_count
         self._rendered_inputs: list[Any] | None = None
         self._ledger: ObjectStoragePath | None = None
         self._sql_ledger: SqlLedger | None = None
@@ -379,7 +385,12 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             self.log.info("Resuming after %d lines (%d segments) already written", progress.lines_done,
                           progress.segments)
 
-        total = self._count_lines(staged) if staged is not None else len(self._inline_items())
+        if self.input_count not in (None, ""):
+            total = int(self.input_count)  # rendered templates are text
+        elif staged is not None:
+            total = self._count_lines(staged)
+        else:
+            total = len(self._inline_items())
         mark = time.monotonic()
 
         # A segment's ledger is built and written by a background writer while the next segment is
