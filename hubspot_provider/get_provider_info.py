@@ -56,8 +56,18 @@ def get_provider_info() -> dict[str, Any]:
                     },
                     "timeout": {
                         "label": "Read timeout (s)",
-                        "description": "Seconds to wait for HubSpot's answer to one request.",
+                        "description": "Seconds one socket read may wait; the deadline bounds the whole request.",
                         "schema": {"type": ["number", "null"], "default": 30, "minimum": 1},
+                    },
+                    "deadline": {
+                        "label": "Request deadline (s)",
+                        "description": "Total seconds one request may take, from connect to the last byte.",
+                        "schema": {"type": ["number", "null"], "default": 60, "minimum": 1},
+                    },
+                    "max_response_bytes": {
+                        "label": "Largest answer (bytes)",
+                        "description": "A larger answer is refused unread.",
+                        "schema": {"type": ["integer", "null"], "default": 33554432, "minimum": 1024},
                     },
                     "max_retries": {
                         "label": "Max retries",

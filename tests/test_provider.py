@@ -43,7 +43,8 @@ def test_provider_info_matches_the_distribution():
     (conn_type,) = info["connection-types"]
     assert conn_type["hook-class-name"] == "hubspot_provider.hooks.hubspot.HubSpotHook"
     assert conn_type["connection-type"] == HubSpotHook.conn_type
-    assert {"api_version", "batch_size", "timeout", "max_retries"} <= set(conn_type["conn-fields"])
+    assert {"api_version", "batch_size", "timeout", "deadline", "max_response_bytes", "max_retries"} <= set(
+        conn_type["conn-fields"])
     assert conn_type["ui-field-behaviour"]["placeholders"]["host"] == "https://api.hubapi.com"
 
 
