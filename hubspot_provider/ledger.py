@@ -14,25 +14,50 @@ what did HubSpot answer?". The ledger holds personal data: it never goes to XCom
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from pydantic.alias_generators import to_snake
+import msgspec
 
 from hubspot_provider.results import InputOutcome
 
-__all__ = ["LEDGER_FIELDS", "LEDGER_DDL", "SqlLedger", "ledger_record"]
+__all__ = ["LEDGER_FIELDS", "LEDGER_DDL", "LedgerRecord", "SqlLedger", "as_text", "ledger_record"]
 
-LEDGER_FIELDS: tuple[str, ...] = (
-    "runId", "dataIntervalStart", "dataIntervalEnd",
-    "subscriberIdString", "subscriptionId", "channel", "statusState", "legalBasis", "legalBasisExplanation",
-    "occurredAt", "sentAt", "attempts", "outcome",
-    "confirmedStatus", "setStatusSuccessReason", "hubspotTimestamp", "hubspotSource", "correlationId",
-    "failureCategory", "failureMessage", "retryable",
-)
-"""Keys of a ledger record, in order (the SQL columns are their snake_case forms)."""
+
+class LedgerRecord(msgspec.Struct, rename="camel", gc=False):
+    """One audit record. Attribute names are the SQL columns; the JSONL keys are their camelCase
+    forms (:data:`LEDGER_FIELDS`), as on the wire. Timestamps are ISO-8601 UTC text."""
+
+    run_id: str | None
+    data_interval_start: str | None
+    data_interval_end: str | None
+    subscriber_id_string: str | None
+    subscription_id: int | None
+    channel: str | None
+    status_state: str | None
+    legal_basis: str | None
+    legal_basis_explanation: str | None
+    occurred_at: str | None
+    sent_at: str | None
+    attempts: int | None
+    outcome: str
+    confirmed_status: str | None = None
+    set_status_success_reason: str | None = None
+    hubspot_timestamp: str | None = None
+    hubspot_source: str | None = None
+    correlation_id: str | None = None
+    failure_category: str | None = None
+    failure_message: str | None = None
+    retryable: bool | None = None
+
+
+LEDGER_COLUMNS: tuple[str, ...] = tuple(f.name for f in msgspec.structs.fields(LedgerRecord))
+"""The SQL columns of :data:`LEDGER_DDL`, in order."""
+
+LEDGER_FIELDS: tuple[str, ...] = tuple(f.encode_name for f in msgspec.structs.fields(LedgerRecord))
+"""Keys of a ledger record's JSON line, in order."""
 
 LEDGER_DDL = """\
 CREATE TABLE hubspot_consent_ledger (
@@ -71,12 +96,19 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
-def _text(value: Any) -> Any:
+def as_text(value: Any) -> Any:
+    """A value as the ledger stores it: datetimes as ISO-8601 UTC text, enum members as their wire value."""
     if value is None or type(value) is str:
         return value
     if isinstance(value, datetime):
         return _iso(value)
-    return getattr(value, "value", value)  # an enum member, as its wire value
+    return getattr(value, "_value_", value)  # an enum member, as its wire value
+
+
+def _wire(value: Any) -> Any:
+    # as_text for what HubSpot's parsed answer holds: text, or an enum member (``_value_`` is the
+    # member's plain attribute; ``.value`` goes through a slower descriptor).
+    return value if value is None or type(value) is str else value._value_
 
 
 def ledger_record(
@@ -86,41 +118,29 @@ def ledger_record(
     data_interval_start: Any = None,
     data_interval_end: Any = None,
     occurred_at: Any = None,
-) -> dict[str, Any]:
-    """The audit record of one sent input (camelCase keys, :data:`LEDGER_FIELDS` in order)."""
+) -> LedgerRecord:
+    """The audit record of one sent input. Built for every status sent, in the write loop: keep it lean."""
     wire, result, failure = outcome.input, outcome.result, outcome.failure
-    record = {
-        "runId": run_id,
-        "dataIntervalStart": _text(data_interval_start),
-        "dataIntervalEnd": _text(data_interval_end),
-        "subscriberIdString": wire.get("subscriberIdString"),
-        "subscriptionId": wire.get("subscriptionId"),
-        "channel": wire.get("channel", "EMAIL"),
-        "statusState": wire.get("statusState"),
-        "legalBasis": wire.get("legalBasis"),
-        "legalBasisExplanation": wire.get("legalBasisExplanation"),
-        "occurredAt": _text(occurred_at),
-        "sentAt": _text(outcome.sent_at),
-        "attempts": outcome.attempts,
-        "outcome": SUCCEEDED if failure is None else FAILED,
-        "confirmedStatus": None,
-        "setStatusSuccessReason": None,
-        "hubspotTimestamp": None,
-        "hubspotSource": None,
-        "correlationId": outcome.correlation_id,
-        "failureCategory": None,
-        "failureMessage": None,
-        "retryable": None,
-    }
+    get = wire.get
+    sent_at = outcome.sent_at
+    record = LedgerRecord(
+        run_id, as_text(data_interval_start), as_text(data_interval_end),
+        get("subscriberIdString"), get("subscriptionId"), get("channel", "EMAIL"), get("statusState"),
+        get("legalBasis"), get("legalBasisExplanation"),
+        occurred_at if occurred_at is None or type(occurred_at) is str else as_text(occurred_at),
+        None if sent_at is None else _iso(sent_at), outcome.attempts, SUCCEEDED if failure is None else FAILED,
+        correlation_id=outcome.correlation_id,
+    )
     if result is not None:
-        record["confirmedStatus"] = _text(result.status)
-        record["setStatusSuccessReason"] = _text(result.set_status_success_reason)
-        record["hubspotTimestamp"] = _text(result.timestamp)
-        record["hubspotSource"] = result.source
+        record.confirmed_status = _wire(result.status)
+        record.set_status_success_reason = _wire(result.set_status_success_reason)
+        timestamp = result.timestamp
+        record.hubspot_timestamp = None if timestamp is None else _iso(timestamp)
+        record.hubspot_source = result.source
     if failure is not None:
-        record["failureCategory"] = failure.category
-        record["failureMessage"] = failure.message
-        record["retryable"] = failure.retryable
+        record.failure_category = failure.category
+        record.failure_message = failure.message
+        record.retryable = failure.retryable
     return record
 
 
@@ -151,11 +171,10 @@ class SqlLedger:
                 "(sqlite, postgres, mysql, ...)"
             )
         self.hook = hook
-        self.columns = [to_snake(name) for name in LEDGER_FIELDS]
 
-    def append(self, records: Sequence[Mapping[str, Any]] | Iterable[Mapping[str, Any]]) -> int:
+    def append(self, records: Iterable[LedgerRecord]) -> int:
         """Insert ``records`` (one transaction per call); returns how many."""
-        rows = [tuple(record[name] for name in LEDGER_FIELDS) for record in records]
+        rows = [msgspec.structs.astuple(record) for record in records]
         if rows:
-            self.hook.insert_rows(self.table, rows, target_fields=self.columns, commit_every=0)
+            self.hook.insert_rows(self.table, rows, target_fields=list(LEDGER_COLUMNS), commit_every=0)
         return len(rows)

@@ -130,13 +130,13 @@ class JsonlWriter:
             self.path.unlink()
 
 
-def write_part(folder: ObjectStoragePath, name: str, records: Iterable[Mapping[str, Any]]) -> None:
-    """Write a whole part file in one call (object-store handles are slow per write)."""
+def write_part(folder: ObjectStoragePath, name: str, records: Iterable[Any]) -> None:
+    """Write a whole part file in one call (object-store handles are slow per write); ``records``
+    are mappings or msgspec structs, one JSON line each."""
     folder.mkdir(parents=True, exist_ok=True)
-    encode = _encoder.encode
-    text = b"".join(encode(record) + b"\n" for record in records).decode("utf-8")
-    with (folder / name).open("w", encoding="utf-8") as handle:
-        handle.write(text)
+    data = _encoder.encode_lines(records if isinstance(records, (list, tuple)) else list(records))
+    with (folder / name).open("wb") as handle:
+        handle.write(data)
 
 
 def jsonl_files(folder: ObjectStoragePath) -> list[ObjectStoragePath]:

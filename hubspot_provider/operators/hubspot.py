@@ -34,7 +34,7 @@ from hubspot_provider.exceptions import (
     HubSpotUnavailableError,
 )
 from hubspot_provider.hooks.hubspot import HubSpotHook
-from hubspot_provider.ledger import SqlLedger, ledger_record
+from hubspot_provider.ledger import LedgerRecord, SqlLedger, as_text, ledger_record
 from hubspot_provider.results import INVALID_INPUT, InputOutcome, WriteReport, categories_in_words, failure_ratio_exceeded
 from hubspot_provider.staging import (
     dead_letter,
@@ -523,12 +523,16 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             (r.line, dead_letter(r.value, INVALID_INPUT, r.error or "not valid JSON", False, None))
             for r in segment if r.kind == "invalid"
         ]
-        # Only the raw outcomes here: building and writing the records is the ledger writer's work.
-        audit: list[tuple[int, InputOutcome, Any]] = []
+        # Each outcome becomes its audit record at once (a struct the garbage collector need not
+        # track, so HubSpot's parsed answer is freed now); encoding and writing them is the ledger
+        # writer's work. By input position, so the part file follows the staged order.
+        audit: list[LedgerRecord | None] = [None] * len(sendable)
+        context = self._ledger_context
 
         def record_outcome(outcome: InputOutcome) -> None:
-            record = sendable[outcome.index]
-            audit.append((record.line, outcome, record.occurred_at))
+            audit[outcome.index] = ledger_record(
+                outcome, occurred_at=sendable[outcome.index].occurred_at, **context
+            )
 
         report = self.hook.write_statuses(
             (r.value for r in sendable), batch_size=self._batch_size, validated=self.inputs_validated,
@@ -546,19 +550,17 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             self._write_part(dead_letters, part, letters)
             progress.dead_letter_files += 1
         job = None
-        if audit:
-            job = self._ledger_writer.submit(self._write_ledger, part, audit)
-            progress.ledger_records += len(audit)
+        records = [r for r in audit if r is not None]
+        if records:
+            job = self._ledger_writer.submit(self._write_ledger, part, records)
+            progress.ledger_records += len(records)
         progress.lines_done = last.line
         progress.file_index, progress.file_line = last.file_index, last.file_line
         progress.segments += 1
         progress.stalled_waits = 0
         return job
 
-    def _write_ledger(self, part: str, audit: list[tuple[int, InputOutcome, Any]]) -> None:
-        audit.sort(key=lambda item: item[0])
-        context = self._ledger_context
-        records = [ledger_record(outcome, occurred_at=occurred_at, **context) for _, outcome, occurred_at in audit]
+    def _write_ledger(self, part: str, records: list[LedgerRecord]) -> None:
         if self._ledger is not None:
             write_part(self._ledger, part, records)
         if self._sql_ledger is not None:
@@ -620,8 +622,9 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         context = context or {}
         self._ledger_context = {
             "run_id": context.get("run_id"),
-            "data_interval_start": context.get("data_interval_start"),
-            "data_interval_end": context.get("data_interval_end"),
+            # As text once, not once per record.
+            "data_interval_start": as_text(context.get("data_interval_start")),
+            "data_interval_end": as_text(context.get("data_interval_end")),
         }
 
     # ------------------------------------------------------------------ reading input
