@@ -23,7 +23,7 @@ import msgspec
 
 from hubspot_provider.results import InputOutcome
 
-__all__ = ["LEDGER_FIELDS", "LEDGER_DDL", "LedgerRecord", "SqlLedger", "as_text", "ledger_record"]
+__all__ = ["LEDGER_FIELDS", "LEDGER_DDL", "LedgerRecord", "SqlLedger", "as_text", "ledger_record", "withheld_record"]
 
 
 class LedgerRecord(msgspec.Struct, rename="camel", gc=False):
@@ -65,7 +65,7 @@ CREATE TABLE hubspot_consent_ledger (
     data_interval_start        VARCHAR(40),
     data_interval_end          VARCHAR(40),
     subscriber_id_string       VARCHAR(254) NOT NULL,
-    subscription_id            BIGINT NOT NULL,
+    subscription_id            BIGINT,
     channel                    VARCHAR(16) NOT NULL,
     status_state               VARCHAR(16) NOT NULL,
     legal_basis                VARCHAR(40),
@@ -88,6 +88,9 @@ ISO-8601 UTC text, so they sort and compare as text on every database."""
 
 SUCCEEDED = "SUCCEEDED"
 FAILED = "FAILED"
+WITHHELD = "WITHHELD"
+"""Outcome of an input the ``hubspot_changes`` policy kept from HubSpot: ``confirmedStatus``,
+``hubspotTimestamp`` and ``hubspotSource`` are then HubSpot's current status that won."""
 
 
 @lru_cache(maxsize=256)
@@ -144,6 +147,30 @@ def ledger_record(
     return record
 
 
+def withheld_record(
+    wire: dict[str, Any],
+    verdict: Any,
+    *,
+    run_id: str | None,
+    data_interval_start: Any = None,
+    data_interval_end: Any = None,
+    occurred_at: Any = None,
+) -> LedgerRecord:
+    """The audit record of an input the ``hubspot_changes`` policy withheld: never sent; HubSpot's
+    current status that won stands in ``confirmedStatus``, ``hubspotTimestamp`` and ``hubspotSource``."""
+    current = verdict.current
+    get = wire.get
+    return LedgerRecord(
+        run_id, as_text(data_interval_start), as_text(data_interval_end),
+        get("subscriberIdString"), get("subscriptionId"), get("channel", "EMAIL"), get("statusState"),
+        get("legalBasis"), get("legalBasisExplanation"), as_text(occurred_at), None, 0, WITHHELD,
+        confirmed_status=None if current is None else ("OPTED_OUT_OF_ALL" if current.wide else current.status),
+        hubspot_timestamp=None if current is None or current.timestamp is None else _iso(current.timestamp),
+        hubspot_source=None if current is None else current.source,
+        failure_category=verdict.category, failure_message=verdict.message, retryable=False,
+    )
+
+
 class SqlLedger:
     """Appends ledger records to a SQL table through any common-sql (``DbApiHook``) connection.
 
@@ -178,3 +205,27 @@ class SqlLedger:
         if rows:
             self.hook.insert_rows(self.table, rows, target_fields=list(LEDGER_COLUMNS), commit_every=0)
         return len(rows)
+
+    def explains(
+        self, candidates: list[tuple[str, int | None, str, str | None]], chunk: int = 500
+    ) -> set[tuple[str, int | None, str, str | None]]:
+        """Of ``(email, subscription id or None, status, HubSpot timestamp)``, those a write of this
+        provider explains: a succeeded record that changed that key to that status and got that
+        timestamp from HubSpot."""
+        wanted = set(candidates)
+        emails = sorted({c[0] for c in wanted})
+        placeholder = getattr(self.hook, "placeholder", "%s") or "%s"
+        found: set[tuple[str, int | None, str, str | None]] = set()
+        for start in range(0, len(emails), chunk):
+            part = emails[start:start + chunk]
+            sql = (
+                f"SELECT lower(subscriber_id_string), subscription_id, confirmed_status, hubspot_timestamp "
+                f"FROM {self.table} WHERE outcome = 'SUCCEEDED' AND (set_status_success_reason IS NULL OR "
+                f"set_status_success_reason <> 'NO_STATUS_CHANGE') AND lower(subscriber_id_string) IN "
+                f"({', '.join([placeholder] * len(part))})"
+            )
+            for email, subscription_id, status, timestamp in self.hook.get_records(sql, parameters=part):
+                key = (email, None if subscription_id is None else int(subscription_id), status, timestamp)
+                if key in wanted:
+                    found.add(key)
+        return found

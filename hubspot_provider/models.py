@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     AfterValidator,
@@ -41,7 +41,9 @@ __all__ = [
     "ActionResponseWithResultsSubscriptionDefinition",
     "BatchInputPublicStatusRequest",
     "BatchResponsePublicStatus",
+    "BatchResponsePublicBulkOptOutFromAllResponse",
     "BatchResponsePublicStatusBulkResponse",
+    "BatchResponsePublicWideStatusBulkResponse",
     "Channel",
     "ErrorBody",
     "ErrorDetail",
@@ -49,6 +51,10 @@ __all__ = [
     "PublicStatus",
     "PublicStatusBulkResponse",
     "PublicStatusRequest",
+    "PublicWideStatus",
+    "UNSUBSCRIBE_ALL",
+    "UnsubscribeAllRequest",
+    "validate_consent_input",
     "RateLimitBody",
     "SetStatusSuccessReason",
     "StandardError",
@@ -155,6 +161,17 @@ class _Wire(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+def _require_legal_basis_pair(request: Any, info: ValidationInfo) -> None:
+    context = info.context or {}
+    if context.get("require_legal_basis") and (
+        request.legal_basis is None or request.legal_basis_explanation is None
+    ):
+        raise ValueError(
+            "this portal requires legalBasis and legalBasisExplanation on every input (GDPR); "
+            "supply both at the source"
+        )
+
+
 class PublicStatusRequest(_Wire):
     """One input of a batch status write: set ``subscriber_id_string``'s status for a subscription.
 
@@ -179,20 +196,62 @@ class PublicStatusRequest(_Wire):
 
     @model_validator(mode="after")
     def _legal_basis_pair(self, info: ValidationInfo) -> PublicStatusRequest:
-        context = info.context or {}
-        if context.get("require_legal_basis") and (
-            self.legal_basis is None or self.legal_basis_explanation is None
-        ):
-            raise ValueError(
-                "this portal requires legalBasis and legalBasisExplanation on every input (GDPR); "
-                "supply both at the source"
-            )
+        _require_legal_basis_pair(self, info)
         return self
 
     @property
     def key(self) -> StatusKey:
         """The status this input sets; a later input with the same key supersedes it."""
         return (self.subscriber_id_string.lower(), self.subscription_id, self.channel.value)
+
+
+UNSUBSCRIBE_ALL = "UNSUBSCRIBE_ALL"
+"""The source contract's ``status`` for a contact who wants no email at all: sent through
+``statuses/batch/unsubscribe-all``, not as a subscription status."""
+
+
+class UnsubscribeAllRequest(_Wire):
+    """One contact to opt out of all email (``statuses/batch/unsubscribe-all``).
+
+    HubSpot's request carries only the email; ``legal_basis`` and its explanation are kept for the
+    ledger (and checked like a status write's when the portal requires them). Its key has no
+    subscription (``None``): one contact-wide opt-out.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", str_strip_whitespace=True
+    )
+
+    subscriber_id_string: EmailAddress
+    status_state: Literal["UNSUBSCRIBE_ALL"]
+    channel: Channel = Channel.EMAIL
+    subscription_id: None = None
+    legal_basis: LegalBasis | None = None
+    legal_basis_explanation: Annotated[str | None, AfterValidator(_check_explanation)] = None
+
+    @model_validator(mode="after")
+    def _legal_basis_pair(self, info: ValidationInfo) -> UnsubscribeAllRequest:
+        _require_legal_basis_pair(self, info)
+        return self
+
+    @property
+    def key(self) -> tuple[str, None, str]:
+        return (self.subscriber_id_string.lower(), None, self.channel.value)
+
+
+def validate_consent_input(
+    value: Any, *, require_legal_basis: bool = False
+) -> PublicStatusRequest | UnsubscribeAllRequest:
+    """The one validation of a consent input: a subscription status, or (``statusState``
+    ``UNSUBSCRIBE_ALL``) an opt-out from all email. Raises pydantic's ``ValidationError``."""
+    context = {"require_legal_basis": True} if require_legal_basis else None
+    if isinstance(value, (PublicStatusRequest, UnsubscribeAllRequest)):
+        return type(value).model_validate(value.model_dump(), context=context) if context else value
+    if isinstance(value, dict) and (value.get("statusState") or value.get("status_state")) == UNSUBSCRIBE_ALL:
+        # The source may carry a subscription id (or NULL); an opt-out from everything has none.
+        value = {k: v for k, v in value.items() if k not in ("subscriptionId", "subscription_id")}
+        return UnsubscribeAllRequest.model_validate(value, context=context)
+    return PublicStatusRequest.model_validate(value, context=context)
 
 
 class BatchInputPublicStatusRequest(_Wire):
@@ -346,6 +405,42 @@ class BatchResponsePublicStatusBulkResponse(_BatchEnvelope):
     """Response of a batch status read (HTTP 200, or 207 with ``errors``)."""
 
     results: list[PublicStatusBulkResponse] = Field(default_factory=list)
+
+
+class PublicWideStatus(_Response):
+    """A contact's opt-out from all email of a channel (``wideStatusType`` ``PORTAL_WIDE`` or
+    ``BUSINESS_UNIT_WIDE``)."""
+
+    subscriber_id_string: str | None = None
+    channel: _lenient(Channel) = None
+    status: _lenient(StatusState) = None
+    timestamp: _Timestamp = None
+    wide_status_type: str | None = None
+    business_unit_id: int | None = None
+
+
+class PublicWideStatusBulkResponse(_Response):
+    subscriber_id_string: str | None = None
+    wide_statuses: Annotated[list[PublicWideStatus], BeforeValidator(_none_as_empty)] = Field(default_factory=list)
+
+
+class BatchResponsePublicWideStatusBulkResponse(_BatchEnvelope):
+    """Response of ``statuses/batch/unsubscribe-all/read`` (HTTP 200, or 207 with ``errors``)."""
+
+    results: Annotated[list[PublicWideStatusBulkResponse], BeforeValidator(_none_as_empty)] = Field(
+        default_factory=list)
+
+
+class PublicBulkOptOutFromAllResponse(_Response):
+    subscriber_id_string: str | None = None
+    statuses: Annotated[list[PublicStatus], BeforeValidator(_none_as_empty)] = Field(default_factory=list)
+
+
+class BatchResponsePublicBulkOptOutFromAllResponse(_BatchEnvelope):
+    """Response of ``statuses/batch/unsubscribe-all``."""
+
+    results: Annotated[list[PublicBulkOptOutFromAllResponse], BeforeValidator(_none_as_empty)] = Field(
+        default_factory=list)
 
 
 class SubscriptionDefinition(_Response):

@@ -78,8 +78,11 @@ class InputOutcome:
 class WriteReport(BaseModel):
     """What happened to every input of one :meth:`HubSpotHook.write_statuses` call.
 
-    ``succeeded + superseded + failed_count == submitted`` always holds; ``failed`` lists the failed
-    inputs (unless the call was made with ``keep_failed=False``). ``reasons`` counts HubSpot's
+    ``succeeded + superseded + failed_count + withheld == submitted`` always holds; ``failed`` lists the
+    failed inputs (unless the call was made with ``keep_failed=False``). ``withheld`` counts inputs the
+    ``hubspot_changes`` policy kept from HubSpot because a newer change made in HubSpot wins (by
+    category in ``withheld_by_category``; they are decisions, not failures, and count against no
+    failure ratio); ``reads`` counts the requests made to read HubSpot's current statuses for it. ``reasons`` counts HubSpot's
     ``setStatusSuccessReason`` over the successes (``NO_STATUS_CHANGE`` = already in that state).
     ``unrequested_results`` counts results HubSpot returned for keys the batch never sent (never
     counted as a success of anything).
@@ -93,6 +96,9 @@ class WriteReport(BaseModel):
     reasons: dict[str, int] = Field(default_factory=dict)
     failed_by_category: dict[str, int] = Field(default_factory=dict)
     retryable_failed: int = 0
+    withheld: int = 0
+    withheld_by_category: dict[str, int] = Field(default_factory=dict)
+    reads: int = 0
     unrequested_results: int = 0
     batches: int = 0
     requests: int = 0
@@ -121,18 +127,25 @@ class WriteReport(BaseModel):
         name = reason or "UNKNOWN"
         self.reasons[name] = self.reasons.get(name, 0) + 1
 
+    def add_withheld(self, category: str) -> None:
+        """Count one input the ``hubspot_changes`` policy withheld (a newer change in HubSpot wins)."""
+        self.submitted += 1
+        self.withheld += 1
+        self.withheld_by_category[category] = self.withheld_by_category.get(category, 0) + 1
+
     def add_superseded(self) -> None:
         """Count one input replaced by a later input for the same status key."""
         self.submitted += 1
         self.superseded += 1
 
     def __iadd__(self, other: WriteReport) -> WriteReport:
-        for name in ("submitted", "succeeded", "superseded", "failed_count", "retryable_failed", "unrequested_results", "batches",
-                     "requests", "retries", "rate_limited"):
+        for name in ("submitted", "succeeded", "superseded", "failed_count", "retryable_failed", "withheld", "reads",
+                     "unrequested_results", "batches", "requests", "retries", "rate_limited"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.elapsed_s = round(self.elapsed_s + other.elapsed_s, 3)
         self.failed.extend(other.failed)
-        for mine, theirs in ((self.reasons, other.reasons), (self.failed_by_category, other.failed_by_category)):
+        for mine, theirs in ((self.reasons, other.reasons), (self.failed_by_category, other.failed_by_category),
+                             (self.withheld_by_category, other.withheld_by_category)):
             for name, count in theirs.items():
                 mine[name] = mine.get(name, 0) + count
         return self
@@ -142,7 +155,8 @@ class WriteReport(BaseModel):
         categories = ", ".join(f"{name} {count}" for name, count in sorted(self.failed_by_category.items()))
         return (
             f"{self.submitted} submitted: {self.succeeded} succeeded ({self.changed} changed), "
-            f"{self.superseded} superseded, {self.failed_count} failed{f' ({categories})' if categories else ''}; "
+            f"{self.superseded} superseded, {self.failed_count} failed{f' ({categories})' if categories else ''}"
+            f"{f', {self.withheld} withheld by hubspot_changes' if self.withheld else ''}; "
             f"{self.requests} requests, {self.retries} retries, {self.rate_limited} rate-limited, "
             f"{self.elapsed_s:.2f}s"
         )

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -714,6 +714,402 @@ def test_latency_does_not_change_answers(hubspot_emulator_factory: Any) -> None:
     assert _outcomes(hs, 5) == [200] * 5
 
 
+# --------------------------------------------------------------------------- unsubscribe from all
+
+
+def unsubscribe_all(
+    hs: HubSpotEmulator,
+    emails: list[Any],
+    *,
+    verbose: str | None = None,
+    session: requests.Session | None = None,
+    base: str = V4,
+) -> requests.Response:
+    params = {"channel": "EMAIL"}
+    if verbose is not None:
+        params["verbose"] = verbose
+    url = f"{hs.url}{base}/statuses/batch/unsubscribe-all"
+    return (session or client()).post(url, params=params, json={"inputs": emails}, timeout=10)
+
+
+def read_wide(
+    hs: HubSpotEmulator, emails: list[Any], session: requests.Session | None = None, base: str = V4
+) -> requests.Response:
+    url = f"{hs.url}{base}/statuses/batch/unsubscribe-all/read"
+    return (session or client()).post(url, params={"channel": "EMAIL"}, json={"inputs": emails}, timeout=10)
+
+
+def read_statuses(hs: HubSpotEmulator, email: str) -> dict[int, dict[str, Any]]:
+    """The email's records as batch/read returns them, by subscription id."""
+    response = read(hs, [email])
+    assert response.status_code == 200
+    (result,) = response.json()["results"]
+    return {record["subscriptionId"]: record for record in result["statuses"]}
+
+
+def wide_status(email: str, timestamp: str) -> dict[str, Any]:
+    return {
+        "subscriberIdString": email,
+        "channel": "EMAIL",
+        "status": "UNSUBSCRIBED",
+        "timestamp": timestamp,
+        "wideStatusType": "PORTAL_WIDE",
+        "businessUnitId": 0,
+    }
+
+
+PAST = datetime(2024, 5, 6, 9, 8, 9, 123000, tzinfo=timezone(timedelta(hours=2)))
+PAST_ISO = "2024-05-06T07:08:09.123Z"
+
+
+@pytest.mark.parametrize("base", [V4, V2026], ids=["v4", "2026-03"])
+def test_unsubscribe_all_applies_to_every_subscription(hubspot_emulator: HubSpotEmulator, base: str) -> None:
+    hs = hubspot_emulator
+    assert write(hs, [status_input("ada@example.com", 1001)], base=base).status_code == 200
+    before = time.time()
+
+    response = unsubscribe_all(hs, ["Ada@Example.COM"], base=base)
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "COMPLETE"
+    assert "errors" not in body and "numErrors" not in body
+    assert body["results"] == [{"subscriberIdString": "ada@example.com", "statuses": []}]
+    records = read_statuses(hs, "ada@example.com")
+    assert sorted(records) == [1001, 1002, 1003]
+    stamps = {record["timestamp"] for record in records.values()}
+    assert len(stamps) == 1
+    (stamp,) = stamps
+    assert before - 0.01 <= datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() <= time.time()
+    for sid, name in [(1001, "Newsletter"), (1002, "Product updates"), (1003, "Events")]:
+        assert records[sid] == {
+            "channel": "EMAIL",
+            "source": "Public status API",
+            "status": "UNSUBSCRIBED",
+            "subscriberIdString": "ada@example.com",
+            "subscriptionId": sid,
+            "timestamp": stamp,
+            "businessUnitId": 0,
+            "legalBasis": None,
+            "legalBasisExplanation": None,
+            "subscriptionName": name,
+        }
+    assert hs.wide_status_of("ADA@example.com") == wide_status("ada@example.com", stamp)
+    assert hs.wide_status_of("bob@example.com") is None
+    assert hs.writes_applied == 2
+    assert hs.requests[1].path == f"{base}/statuses/batch/unsubscribe-all"
+    assert (hs.requests[1].kind, hs.requests[1].n_inputs) == ("ok", 1)
+
+
+def test_unsubscribe_all_keeps_already_unsubscribed_records(hubspot_emulator: HubSpotEmulator) -> None:
+    hs = hubspot_emulator
+    hs.footer_unsubscribe("ada@example.com", 1002, at=PAST)
+    write(hs, [status_input("ada@example.com", 1003, "UNSUBSCRIBED")])
+    earlier = hs.status_of("ada@example.com", 1003)
+    time.sleep(0.01)  # later writes get a later millisecond
+
+    response = unsubscribe_all(hs, ["ada@example.com"], verbose="true")
+
+    assert response.status_code == 200
+    (result,) = response.json()["results"]
+    assert result["subscriberIdString"] == "ada@example.com"
+    statuses = {record["subscriptionId"]: record for record in result["statuses"]}
+    assert [record["subscriptionId"] for record in result["statuses"]] == [1001, 1002, 1003]
+    assert {sid: record["setStatusSuccessReason"] for sid, record in statuses.items()} == {
+        1001: "UNSUBSCRIBE_FROM_ALL_OCCURRED",
+        1002: "NO_STATUS_CHANGE",
+        1003: "NO_STATUS_CHANGE",
+    }
+    assert (statuses[1002]["source"], statuses[1002]["timestamp"]) == ("Unsubscribe Link", PAST_ISO)
+    assert statuses[1003]["timestamp"] == earlier["timestamp"]
+    assert statuses[1001]["timestamp"] > earlier["timestamp"]
+    # Verbose statuses are the stored records plus the reason.
+    stored = read_statuses(hs, "ada@example.com")
+    without_reason = {
+        sid: {k: v for k, v in record.items() if k != "setStatusSuccessReason"}
+        for sid, record in statuses.items()
+    }
+    assert without_reason == stored
+    assert stored[1003] == earlier
+    wide = hs.wide_status_of("ada@example.com")
+    assert wide == wide_status("ada@example.com", statuses[1001]["timestamp"])
+
+    # Repeating it (say, a retry after a dropped connection) changes nothing at all.
+    time.sleep(0.01)
+    again = unsubscribe_all(hs, ["ada@example.com"], verbose="TRUE")
+    reasons = {r["setStatusSuccessReason"] for r in again.json()["results"][0]["statuses"]}
+    assert reasons == {"NO_STATUS_CHANGE"}
+    assert read_statuses(hs, "ada@example.com") == stored
+    assert hs.wide_status_of("ada@example.com") == wide
+    assert unsubscribe_all(hs, ["ada@example.com"], verbose="false").json()["results"][0]["statuses"] == []
+
+
+@pytest.mark.parametrize(("multi_status", "expected_status"), [(False, 200), (True, 207)])
+def test_unsubscribe_all_reports_invalid_emails_and_applies_the_rest(
+    hubspot_emulator_factory: Any, multi_status: bool, expected_status: int
+) -> None:
+    hs = hubspot_emulator_factory(multi_status=multi_status)
+    response = unsubscribe_all(
+        hs, ["ada@example.com", "not-an-email", "x@bad.invalid", 42, "BOB@example.com", "bob@example.com"]
+    )
+
+    assert response.status_code == expected_status
+    body = response.json()
+    assert [r["subscriberIdString"] for r in body["results"]] == ["ada@example.com", "bob@example.com"]
+    assert body["numErrors"] == 3
+    assert body["errors"][0] == {
+        "status": "error",
+        "category": "VALIDATION_ERROR",
+        "message": "Invalid email address: not-an-email",
+        "context": {"subscriberIdString": ["not-an-email"]},
+        "errors": [],
+        "links": {},
+    }
+    assert [e["context"]["subscriberIdString"] for e in body["errors"][1:]] == [["x@bad.invalid"], ["42"]]
+    assert {e["category"] for e in body["errors"]} == {"VALIDATION_ERROR"}
+    for email in ("ada@example.com", "bob@example.com"):
+        assert hs.wide_status_of(email) is not None
+        assert {r["status"] for r in read_statuses(hs, email).values()} == {"UNSUBSCRIBED"}
+    assert hs.wide_status_of("x@bad.invalid") is None
+    assert len(hs.statuses) == 6
+    assert hs.writes_applied == 2
+    assert (hs.requests[0].status, hs.requests[0].n_inputs) == (expected_status, 6)
+
+
+def test_unsubscribe_all_needs_the_batch_write_scope(hubspot_emulator_factory: Any) -> None:
+    hs = hubspot_emulator_factory(
+        extra_tokens={"pat-read-only": [READ_SCOPE], "pat-write-only": [WRITE_SCOPE]}
+    )
+    refused = unsubscribe_all(hs, ["ada@example.com"], session=client("pat-read-only"))
+
+    body = assert_error_body(refused, 403, "MISSING_SCOPES")
+    assert body["errors"][0]["context"]["requiredScopes"] == [WRITE_SCOPE]
+    assert hs.statuses == {} and hs.wide_status_of("ada@example.com") is None
+    assert hs.requests[-1].kind == "forbidden"
+
+    assert unsubscribe_all(hs, ["ada@example.com"], session=client("pat-write-only")).status_code == 200
+    # Reading wide statuses takes the batch-read scope instead.
+    refused_read = read_wide(hs, ["ada@example.com"], session=client("pat-write-only"))
+    body = assert_error_body(refused_read, 403, "MISSING_SCOPES")
+    assert body["errors"][0]["context"]["requiredScopes"] == [READ_SCOPE]
+    allowed = read_wide(hs, ["ada@example.com"], session=client("pat-read-only"))
+    assert allowed.status_code == 200
+    assert len(allowed.json()["results"][0]["wideStatuses"]) == 1
+
+
+@pytest.mark.parametrize("suffix", ["unsubscribe-all", "unsubscribe-all/read"])
+@pytest.mark.parametrize(
+    ("params", "raw_body", "message"),
+    [
+        ({}, b'{"inputs": ["ada@example.com"]}', "Missing required query parameter: channel"),
+        ({"channel": "SMS"}, b'{"inputs": ["ada@example.com"]}', "Invalid channel: only EMAIL is supported"),
+        ({"channel": "EMAIL"}, b'["ada@example.com"]', "Invalid input JSON"),
+        ({"channel": "EMAIL"}, b'{"inputs": "ada@example.com"}', "Invalid input JSON"),
+        ({"channel": "EMAIL"}, b"not json", "Invalid input JSON"),
+        (
+            {"channel": "EMAIL"},
+            b'{"inputs": ["a@example.com", "b@example.com", "c@example.com"]}',
+            "The maximum number of inputs supported in a batch request is 2",
+        ),
+    ],
+    ids=["no channel", "SMS", "array body", "inputs not a list", "not json", "too many"],
+)
+def test_unsubscribe_all_endpoints_reject_malformed_requests(
+    hubspot_emulator_factory: Any, suffix: str, params: dict[str, str], raw_body: bytes, message: str
+) -> None:
+    hs = hubspot_emulator_factory(max_batch_inputs=2)
+    response = client().post(
+        f"{hs.url}{V4}/statuses/batch/{suffix}",
+        params=params,
+        data=raw_body,
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert assert_error_body(response, 400, "VALIDATION_ERROR")["message"].startswith(message)
+    assert hs.statuses == {} and hs.wide_status_of("a@example.com") is None
+    assert hs.writes_applied == 0
+    assert hs.requests[-1].kind == "bad_request"
+
+
+def test_injected_faults_hit_unsubscribe_all_but_not_its_read(hubspot_emulator: HubSpotEmulator) -> None:
+    hs = hubspot_emulator
+    hs.inject("503")
+    assert read_wide(hs, ["ada@example.com"]).status_code == 200  # reads never take a fault
+    assert_error_body(unsubscribe_all(hs, ["ada@example.com"]), 503, "SERVICE_UNAVAILABLE")
+    assert hs.wide_status_of("ada@example.com") is None and hs.statuses == {}
+
+    hs.inject("drop_after")
+    with pytest.raises(requests.ConnectionError):
+        unsubscribe_all(hs, ["ada@example.com"])
+    assert hs.wide_status_of("ada@example.com") is not None
+    assert hs.status_of("ada@example.com", 1003)["status"] == "UNSUBSCRIBED"
+    assert hs.requests[-1].kind == "dropped" and hs.requests[-1].status is None
+
+    # Both write endpoints draw from the same queue, first in, first out.
+    hs.inject("500")
+    hs.inject("429")
+    assert unsubscribe_all(hs, ["bob@example.com"]).status_code == 500
+    assert write(hs, [status_input("bob@example.com")]).status_code == 429
+    assert unsubscribe_all(hs, ["bob@example.com"]).status_code == 200
+
+
+@pytest.mark.parametrize("base", [V4, V2026], ids=["v4", "2026-03"])
+def test_unsubscribe_all_read(hubspot_emulator: HubSpotEmulator, base: str) -> None:
+    hs = hubspot_emulator
+    write(hs, [status_input("bob@example.com", 1001, "UNSUBSCRIBED")])  # one subscription is not all
+    unsubscribe_all(hs, ["ada@example.com"], base=base)
+    wide = hs.wide_status_of("ada@example.com")
+    assert wide is not None
+
+    response = read_wide(hs, ["ADA@example.com", "bob@example.com", "cy@example.com"], base=base)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "COMPLETE" and "errors" not in body
+    assert body["results"] == [
+        {"subscriberIdString": "ada@example.com", "wideStatuses": [wide]},
+        {"subscriberIdString": "bob@example.com", "wideStatuses": []},
+        {"subscriberIdString": "cy@example.com", "wideStatuses": []},
+    ]
+
+    partial = read_wide(hs, ["ada@example.com", "broken", "x@bad.invalid"], base=base)
+    assert partial.status_code == 207
+    body = partial.json()
+    assert body["numErrors"] == 2
+    assert [e["context"]["subscriberIdString"] for e in body["errors"]] == [["broken"], ["x@bad.invalid"]]
+    assert body["results"] == [{"subscriberIdString": "ada@example.com", "wideStatuses": [wide]}]
+    assert hs.requests[-1].path == f"{base}/statuses/batch/unsubscribe-all/read"
+
+
+def test_per_subscription_writes_leave_the_wide_status(hubspot_emulator: HubSpotEmulator) -> None:
+    hs = hubspot_emulator
+    unsubscribe_all(hs, ["ada@example.com"])
+    wide = hs.wide_status_of("ada@example.com")
+    assert wide is not None
+
+    response = write(hs, [status_input("ada@example.com", 1002, "SUBSCRIBED")])
+    assert response.json()["results"][0]["setStatusSuccessReason"] == "RESUBSCRIBE_OCCURRED"
+    hs.preferences_page("ada@example.com", 1003, "SUBSCRIBED")
+
+    assert {sid: r["status"] for sid, r in read_statuses(hs, "ada@example.com").items()} == {
+        1001: "UNSUBSCRIBED",
+        1002: "SUBSCRIBED",
+        1003: "SUBSCRIBED",
+    }
+    assert hs.wide_status_of("ada@example.com") == wide
+    assert read_wide(hs, ["ada@example.com"]).json()["results"][0]["wideStatuses"] == [wide]
+
+
+# --------------------------------------------------------------------------- HubSpot-side changes
+
+
+def test_hubspot_side_changes_show_up_in_batch_read(hubspot_emulator_factory: Any) -> None:
+    hs = hubspot_emulator_factory(rate_limit_max=5, daily_limit=10)
+    footer = hs.footer_unsubscribe("Ada@Example.com", 1001, at=PAST)
+    page = hs.preferences_page("ada@example.com", 1002, "SUBSCRIBED", at=1_700_000_000.5)
+    before = time.time()
+    ui = hs.hubspot_side_change("ada@example.com", 1003, "NOT_SPECIFIED")
+    after = time.time()
+    custom = hs.hubspot_side_change(
+        "bob@example.com", 1001, "SUBSCRIBED", source="Self Service Resubscription", at=0
+    )
+
+    # Not API requests: nothing logged, counted or charged against the rate limits.
+    assert hs.requests == [] and hs.writes_applied == 0
+    records = read_statuses(hs, "ada@example.com")
+    assert records == {1001: footer, 1002: page, 1003: ui}
+    assert footer == {
+        "channel": "EMAIL",
+        "source": "Unsubscribe Link",
+        "status": "UNSUBSCRIBED",
+        "subscriberIdString": "ada@example.com",
+        "subscriptionId": 1001,
+        "timestamp": PAST_ISO,
+        "businessUnitId": 0,
+        "legalBasis": None,
+        "legalBasisExplanation": None,
+        "subscriptionName": "Newsletter",
+    }
+    assert (page["source"], page["status"], page["timestamp"]) == (
+        "Subscription Preferences Page",
+        "SUBSCRIBED",
+        "2023-11-14T22:13:20.500Z",
+    )
+    assert (ui["source"], ui["status"], ui["subscriptionName"]) == ("HubSpot UI", "NOT_SPECIFIED", "Events")
+    ui_at = datetime.fromisoformat(ui["timestamp"].replace("Z", "+00:00")).timestamp()
+    assert before - 0.001 <= ui_at <= after + 0.001
+    assert read_statuses(hs, "bob@example.com") == {1001: custom}
+    assert custom["source"] == "Self Service Resubscription"
+    assert custom["timestamp"] == "1970-01-01T00:00:00.000Z"
+    assert hs.wide_status_of("ada@example.com") is None  # single-subscription changes set no wide status
+
+    # Only the batch/read above reached the server and used budget.
+    assert [r.path for r in hs.requests] == [f"{V4}/statuses/batch/read"] * 2
+    response = read(hs, ["ada@example.com"])
+    assert response.headers["X-HubSpot-RateLimit-Remaining"] == "2"
+    assert response.headers["X-HubSpot-RateLimit-Daily-Remaining"] == "7"
+
+    # A later footer click on the same subscription replaces the record, source and time included.
+    again = hs.footer_unsubscribe("ada@example.com", 1002, at=PAST)
+    assert read_statuses(hs, "ada@example.com")[1002] == again
+    assert (again["source"], again["timestamp"]) == ("Unsubscribe Link", PAST_ISO)
+    assert hs.status_of("ada@example.com", 1002) == again
+
+
+def test_unsubscribe_all_in_hubspot(hubspot_emulator: HubSpotEmulator) -> None:
+    hs = hubspot_emulator
+    write(hs, [status_input("ada@example.com", 1003, "UNSUBSCRIBED")])
+    api_record = hs.status_of("ada@example.com", 1003)
+    requests_before = len(hs.requests)
+
+    wide = hs.unsubscribe_all_in_hubspot("ADA@example.com", at=PAST)
+
+    assert wide == wide_status("ada@example.com", PAST_ISO)
+    assert hs.wide_status_of("ada@example.com") == wide
+    assert len(hs.requests) == requests_before and hs.writes_applied == 1
+    records = read_statuses(hs, "ada@example.com")
+    for sid in (1001, 1002):
+        assert records[sid]["status"] == "UNSUBSCRIBED"
+        assert (records[sid]["source"], records[sid]["timestamp"]) == ("Unsubscribe Link", PAST_ISO)
+    assert records[1003] == api_record  # already unsubscribed: kept as it was
+    (result,) = read_wide(hs, ["ada@example.com"]).json()["results"]
+    assert result["wideStatuses"] == [wide]
+
+
+def test_hubspot_side_change_rejects_bad_arguments(hubspot_emulator: HubSpotEmulator) -> None:
+    hs = hubspot_emulator
+    cases = [
+        ("ada@example.com", 4242, "SUBSCRIBED", {}),
+        ("ada@example.com", "1001", "SUBSCRIBED", {}),
+        ("ada@example.com", 1001, "OPTED_IN", {}),
+        ("not-an-email", 1001, "SUBSCRIBED", {}),
+        ("ada@example.com", 1001, "SUBSCRIBED", {"at": datetime(2024, 5, 6, 7, 8, 9)}),
+    ]
+    for email, sid, status, kwargs in cases:
+        with pytest.raises(ValueError):
+            hs.hubspot_side_change(email, sid, status, **kwargs)
+    with pytest.raises(ValueError, match="unknown subscription id 4242"):
+        hs.footer_unsubscribe("ada@example.com", 4242)
+    with pytest.raises(ValueError):
+        hs.unsubscribe_all_in_hubspot("x@bad.invalid")
+    with pytest.raises(TypeError):
+        hs.preferences_page("ada@example.com", 1001, "SUBSCRIBED", at="yesterday")  # type: ignore[arg-type]
+    assert hs.statuses == {} and hs.wide_status_of("x@bad.invalid") is None
+
+
+def test_reset_forgets_wide_statuses(hubspot_emulator: HubSpotEmulator) -> None:
+    hs = hubspot_emulator
+    unsubscribe_all(hs, ["ada@example.com"])
+    hs.unsubscribe_all_in_hubspot("bob@example.com")
+    assert hs.wide_status_of("ada@example.com") and hs.wide_status_of("bob@example.com")
+
+    hs.reset()
+
+    assert hs.wide_status_of("ada@example.com") is None and hs.wide_status_of("bob@example.com") is None
+    assert hs.statuses == {}
+    body = read_wide(hs, ["ada@example.com", "bob@example.com"]).json()
+    assert [r["wideStatuses"] for r in body["results"]] == [[], []]
+
+
 # --------------------------------------------------------------------------- lifecycle
 
 
@@ -858,7 +1254,13 @@ def test_responses_conform_to_the_official_spec(
         errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
         assert not errors, f"{schema_name}: {[f'{list(e.absolute_path)}: {e.message}' for e in errors]}"
 
-    for suffix in ("/statuses/batch/write", "/statuses/batch/read", "/definitions"):
+    for suffix in (
+        "/statuses/batch/write",
+        "/statuses/batch/read",
+        "/statuses/batch/unsubscribe-all",
+        "/statuses/batch/unsubscribe-all/read",
+        "/definitions",
+    ):
         assert f"{base}{suffix}" in document["paths"]
 
     hs = hubspot_emulator_factory(multi_status=False, extra_tokens={"pat-no-scopes": []})
@@ -885,6 +1287,20 @@ def test_responses_conform_to_the_official_spec(
         definitions = client().get(f"{hs.url}{base}/definitions{query}", timeout=10)
         assert definitions.status_code == 200
         check(definitions.json(), "ActionResponseWithResultsSubscriptionDefinition")
+
+    hs.footer_unsubscribe("dee@example.com", 1002)
+    for verbose in ("true", "false"):
+        opted_out = unsubscribe_all(hs, ["dee@example.com", "broken"], verbose=verbose, base=base)
+        assert opted_out.status_code == 200 and opted_out.json()["numErrors"] == 1
+        assert len(opted_out.json()["results"][0]["statuses"]) == (3 if verbose == "true" else 0)
+        check(opted_out.json(), "BatchResponsePublicBulkOptOutFromAllResponse")
+    wide_ok = read_wide(hs, ["dee@example.com", "nobody@example.com"], base=base)
+    assert wide_ok.status_code == 200
+    check(wide_ok.json(), "BatchResponsePublicWideStatusBulkResponse")
+    wide_partial = read_wide(hs, ["dee@example.com", "broken"], base=base)
+    assert wide_partial.status_code == 207
+    check(wide_partial.json(), "BatchResponsePublicWideStatusBulkResponseWithErrors")
+    check(read(hs, ["dee@example.com"], base=base).json(), "BatchResponsePublicStatusBulkResponse")
 
     error_responses = [write(hs, [status_input("x@bad.invalid")], base=base)]
     hs.inject("503")

@@ -20,6 +20,7 @@ SUMMARY_KEYS = {
     "failed_by_category",
     "reasons", "dead_letter_uri", "dead_letter_files", "ledger_uri", "ledger_records", "requests", "retries",
     "rate_limited", "deferrals", "elapsed_s", "records_per_s", "report",
+    "withheld", "withheld_by_category", "hubspot_changes", "reads", "dry_run", "plan", "plan_uri",
 }
 
 
@@ -54,6 +55,8 @@ def dead_letters(folder: Path) -> list[dict]:
 
 def operator(**kwargs) -> HubSpotWriteStatusesOperator:
     kwargs.setdefault("max_concurrency", 1)
+    # These tests are about writing; the hubspot_changes guard (and its reads) has tests of its own.
+    kwargs.setdefault("hubspot_changes", "source_wins")
     return HubSpotWriteStatusesOperator(task_id="write_statuses", **kwargs)
 
 
@@ -88,7 +91,7 @@ def test_exactly_one_input_source_is_required():
         operator(inputs=rows(1), max_failed_ratio=1.5)
     op = operator(inputs=rows(1))
     assert op.template_fields == ("inputs", "input_uri", "dead_letter_uri", "hubspot_conn_id", "batch_size",
-                                  "ledger_uri", "audit_conn_id", "audit_table", "input_count")
+                                  "ledger_uri", "audit_conn_id", "audit_table", "input_count", "hubspot_changes", "dry_run")
 
 
 # --------------------------------------------------------------------------- inline input

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from hubspot_provider.exceptions import HubSpotError, HubSpotResponseError
 from hubspot_provider.hooks._transport import HubSpotResponse, Redactor, Stats, Transport
 from hubspot_provider.models import (
+    BatchResponsePublicBulkOptOutFromAllResponse,
     BatchResponsePublicStatus,
     PublicStatus,
     PublicStatusRequest,
@@ -44,7 +45,7 @@ from hubspot_provider.results import (
     WriteReport,
 )
 
-__all__ = ["BatchWriter", "WRITE_SCOPE"]
+__all__ = ["BatchWriter", "UnsubscribeAllWriter", "WRITE_SCOPE"]
 
 WRITE_SCOPE = "communication_preferences.statuses.batch.write"
 # A batch answer proves its results only when HubSpot says the batch completed.
@@ -100,6 +101,9 @@ def as_dict(value: Any) -> dict[str, Any]:
 class BatchWriter:
     """Streams inputs into batches, sends them concurrently through a :class:`Transport`, and
     accounts for every input. See :meth:`HubSpotHook.write_statuses` for the contract."""
+
+    response_model: type[BaseModel] = BatchResponsePublicStatus
+    params: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -230,7 +234,7 @@ class BatchWriter:
         started = datetime.now(timezone.utc)
         try:
             answer = self.transport.call(
-                "POST", self.path, stats, json_body={"inputs": [item.wire for item in items]},
+                "POST", self.path, stats, json_body=self._body(items), params=self.params,
                 accept_400=True, scopes=WRITE_SCOPE,
             )
         except HubSpotResponseError as exc:
@@ -244,7 +248,7 @@ class BatchWriter:
         if answer.status_code == 400:
             return self._rejected(items, answer, stats, sent)
         try:
-            parsed = BatchResponsePublicStatus.model_validate_json(answer.content)
+            parsed = self.response_model.model_validate_json(answer.content)
         except ValidationError as exc:
             return self._unconfirmed(
                 items,
@@ -253,6 +257,9 @@ class BatchWriter:
                 sent,
             )
         return self._verify(items, parsed, sent)
+
+    def _body(self, items: list[_Item]) -> dict[str, Any]:
+        return {"inputs": [item.wire for item in items]}
 
     def _rejected(self, items: list[_Item], answer: HubSpotResponse, stats: Stats, sent: _Sent) -> _BatchResult:
         error = answer.hubspot_error()
@@ -277,8 +284,7 @@ class BatchWriter:
 
     # ------------------------------------------------------------------ verifying the answer
 
-    def _verify(self, items: list[_Item], parsed: BatchResponsePublicStatus, sent: _Sent) -> _BatchResult:
-        correlation_id = sent.correlation_id
+    def _verify(self, items: list[_Item], parsed: Any, sent: _Sent) -> _BatchResult:
         batch_status = _value(parsed.status)
         if batch_status not in _COMPLETE:
             return self._unconfirmed(
@@ -289,6 +295,13 @@ class BatchWriter:
             )
         remaining: dict[StatusKey, _Item] = {item.key: item for item in items}
         result = _BatchResult()
+        self._check_results(parsed, remaining, result, sent)
+        self._map_errors(parsed, remaining, result, sent, batch_status)
+        return result
+
+    def _check_results(
+        self, parsed: BatchResponsePublicStatus, remaining: dict[StatusKey, _Item], result: _BatchResult, sent: _Sent
+    ) -> None:
         for status in parsed.results:
             item = remaining.pop(status.key, None) if status.key is not None else None
             if item is None:
@@ -299,15 +312,23 @@ class BatchWriter:
             if got == wanted:
                 result.succeeded.append((item, status, sent))
                 continue
-            result.failed.append((FailedInput(
-                index=item.index, input=item.wire, category=UNCONFIRMED,
-                message=self.redact(
-                    f"HubSpot answered status {_cut(self.redact, got, 40)} for this subscription, not the requested "
-                    f"{wanted} (setStatusSuccessReason {_cut(self.redact, reason, 60)}, source "
-                    f"{_cut(self.redact, status.source, 60)}); the write is "
-                    "not confirmed. Check the contact in HubSpot, then replay"
-                ),
-                retryable=True, correlation_id=correlation_id), sent))
+            result.failed.append((self._contradicted(item, got, wanted, reason, status.source, sent), sent))
+
+    def _contradicted(self, item: _Item, got: Any, wanted: Any, reason: Any, source: Any, sent: _Sent) -> FailedInput:
+        return FailedInput(
+            index=item.index, input=item.wire, category=UNCONFIRMED,
+            message=self.redact(
+                f"HubSpot answered status {_cut(self.redact, got, 40)} for this subscription, not the requested "
+                f"{wanted} (setStatusSuccessReason {_cut(self.redact, reason, 60)}, source "
+                f"{_cut(self.redact, source, 60)}); the write is "
+                "not confirmed. Check the contact in HubSpot, then replay"
+            ),
+            retryable=True, correlation_id=sent.correlation_id)
+
+    def _map_errors(
+        self, parsed: Any, remaining: dict[StatusKey, _Item], result: _BatchResult, sent: _Sent, batch_status: Any
+    ) -> None:
+        correlation_id = sent.correlation_id
         unmapped: list[StandardError] = []
         for error in parsed.errors:
             keys = [k for k in _error_keys(error, remaining) if k in remaining]
@@ -338,7 +359,52 @@ class BatchWriter:
                     "input; re-sending it is safe",
                     retryable=True, correlation_id=correlation_id)
             result.failed.append((failure, sent))
-        return result
+
+
+class UnsubscribeAllWriter(BatchWriter):
+    """``statuses/batch/unsubscribe-all``: each input opts one contact out of all email.
+
+    Sent with ``verbose=true``, so HubSpot's answer lists the contact's statuses after the opt-out. An
+    input succeeds when the batch is ``COMPLETE`` and holds a result for its email whose statuses are
+    all ``UNSUBSCRIBED``; its outcome's result is one status standing for the contact-wide opt-out
+    (no subscription; HubSpot's latest timestamp and source among the statuses).
+    """
+
+    response_model = BatchResponsePublicBulkOptOutFromAllResponse
+    params = {"channel": "EMAIL", "verbose": "true"}
+
+    def _body(self, items: list[_Item]) -> dict[str, Any]:
+        return {"inputs": [item.wire["subscriberIdString"] for item in items]}
+
+    def _check_results(
+        self, parsed: Any, remaining: dict[StatusKey, _Item], result: _BatchResult, sent: _Sent
+    ) -> None:
+        for contact in parsed.results:
+            email = (contact.subscriber_id_string or "").lower()
+            item = remaining.pop((email, None, "EMAIL"), None)
+            if item is None:
+                result.unrequested += 1
+                continue
+            others = [s for s in contact.statuses if _value(s.status) != "UNSUBSCRIBED"]
+            if others:
+                first = others[0]
+                result.failed.append((self._contradicted(
+                    item, _value(first.status), "UNSUBSCRIBED", _value(first.set_status_success_reason),
+                    first.source, sent), sent))
+                continue
+            latest = max(
+                (s for s in contact.statuses if isinstance(s.timestamp, datetime)),
+                key=lambda s: s.timestamp, default=None,
+            )
+            changed = any(_value(s.set_status_success_reason) not in (None, "NO_STATUS_CHANGE")
+                          for s in contact.statuses)
+            wide = PublicStatus(
+                subscriber_id_string=email, channel="EMAIL", status="UNSUBSCRIBED",
+                source=latest.source if latest is not None else None,
+                timestamp=latest.timestamp if latest is not None else None,
+                set_status_success_reason="REQUESTED_CHANGE_OCCURRED" if changed else "NO_STATUS_CHANGE",
+            )
+            result.succeeded.append((item, wide, sent))
 
 
 def _error_keys(error: StandardError, candidates: dict[StatusKey, _Item]) -> list[StatusKey]:
@@ -372,6 +438,6 @@ def _error_keys(error: StandardError, candidates: dict[StatusKey, _Item]) -> lis
         return [
             key for key in candidates
             if re.search(rf"(?<![\w.+-]){re.escape(key[0])}(?![\w-])", message)
-            and re.search(rf"(?<!\d){key[1]}(?!\d)", message)
+            and (key[1] is None or re.search(rf"(?<!\d){key[1]}(?!\d)", message))
         ]
     return []

@@ -13,8 +13,11 @@ from __future__ import annotations
 import ipaddress
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import Enum
 from functools import cached_property
 from typing import Any
 from urllib.parse import urlparse
@@ -25,7 +28,8 @@ from airflow.sdk import BaseHook
 from pydantic import ValidationError
 
 from hubspot_provider.exceptions import HubSpotAuthError, HubSpotConfigError, HubSpotResponseError
-from hubspot_provider.hooks._batching import WRITE_SCOPE, BatchWriter
+from hubspot_provider.hooks._batching import WRITE_SCOPE, BatchWriter, UnsubscribeAllWriter
+from hubspot_provider.hooks._guard import DEFAULT_POLICY, Current, OwnWrites, Verdict, check_policy, decide, needs_read
 from hubspot_provider.hooks._pacer import RateLimitPacer
 from hubspot_provider.hooks._transport import (
     DEFAULT_MAX_RESPONSE_BYTES,
@@ -41,7 +45,12 @@ from hubspot_provider.models import (
     ActionResponseWithResultsSubscriptionDefinition,
     BatchResponsePublicStatus,
     BatchResponsePublicStatusBulkResponse,
+    BatchResponsePublicWideStatusBulkResponse,
+    UNSUBSCRIBE_ALL,
+    PublicStatus,
     PublicStatusRequest,
+    PublicWideStatus,
+    UnsubscribeAllRequest,
     SubscriptionDefinition,
     describe_validation_error,
 )
@@ -64,7 +73,8 @@ READ_SCOPE = "communication_preferences.statuses.batch.read"
 DEFINITIONS_SCOPE = "communication_preferences.read or communication_preferences.read_write"
 SCOPES = {
     "write_statuses / batch_write_statuses": WRITE_SCOPE,
-    "batch_read_statuses": READ_SCOPE,
+    "batch_read_statuses / read_statuses / read_unsubscribe_all / check_hubspot_changes": READ_SCOPE,
+    "unsubscribe_all": WRITE_SCOPE,
     "get_subscription_definitions / test_connection": DEFINITIONS_SCOPE,
 }
 """Which scope each method needs (any one of those joined by "or")."""
@@ -500,6 +510,136 @@ class HubSpotHook(BaseHook):
         )
         return self._parse(BatchResponsePublicStatusBulkResponse, answer)
 
+    def _read_batches(self, path: str, emails: Iterable[str], model: Any, stats: Stats, channel: str) -> list[Any]:
+        """Read ``emails`` in batches of ``batch_size`` (in parallel, paced, retried); parsed answers."""
+        unique = list(dict.fromkeys(e.strip().lower() for e in emails if isinstance(e, str) and e.strip()))
+        size = self.batch_size
+        chunks = [unique[i:i + size] for i in range(0, len(unique), size)]
+        if not chunks:
+            return []
+
+        def read(chunk: list[str]) -> Any:
+            answer = self._transport.call(
+                "POST", f"{self.api_base_path}/{path}", stats, json_body={"inputs": chunk},
+                params={"channel": channel}, scopes=READ_SCOPE,
+            )
+            return self._parse(model, answer)
+
+        if len(chunks) == 1:
+            return [read(chunks[0])]
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(chunks)),
+                                thread_name_prefix="hubspot-read") as pool:
+            return list(pool.map(read, chunks))
+
+    def read_statuses(
+        self, emails: Iterable[str], *, channel: str = "EMAIL", stats: Stats | None = None
+    ) -> dict[str, dict[int, PublicStatus]]:
+        """HubSpot's current subscription statuses of many contacts: ``{email (lower-case):
+        {subscription id: PublicStatus}}``, read with ``statuses/batch/read`` in batches of
+        ``batch_size``, paced and retried. A contact HubSpot holds no status for maps to ``{}``; an
+        address HubSpot rejects is left out.
+
+        .. code-block:: python
+
+            current = hook.read_statuses(["ada@example.com"])
+            print(current["ada@example.com"].get(1001))
+        """
+        found: dict[str, dict[int, PublicStatus]] = {}
+        for answer in self._read_batches("statuses/batch/read", emails, BatchResponsePublicStatusBulkResponse,
+                                         stats or Stats(), channel):
+            for contact in answer.results:
+                email = (contact.subscriber_id_string or "").lower()
+                statuses = found.setdefault(email, {})
+                for status in contact.statuses:
+                    if status.subscription_id is not None:
+                        statuses[status.subscription_id] = status
+        return found
+
+    def read_unsubscribe_all(
+        self, emails: Iterable[str], *, channel: str = "EMAIL", stats: Stats | None = None
+    ) -> dict[str, PublicWideStatus]:
+        """Which of ``emails`` opted out of all email (``statuses/batch/unsubscribe-all/read``, batched,
+        paced, retried): ``{email (lower-case): PublicWideStatus}`` for those whose wide status is
+        ``UNSUBSCRIBED``; the others are left out."""
+        found: dict[str, PublicWideStatus] = {}
+        for answer in self._read_batches("statuses/batch/unsubscribe-all/read", emails,
+                                         BatchResponsePublicWideStatusBulkResponse, stats or Stats(), channel):
+            for contact in answer.results:
+                for wide in contact.wide_statuses:
+                    status = wide.status.value if isinstance(wide.status, Enum) else wide.status
+                    if status == "UNSUBSCRIBED":
+                        email = (wide.subscriber_id_string or contact.subscriber_id_string or "").lower()
+                        found[email] = wide
+        return found
+
+    def check_hubspot_changes(
+        self,
+        items: Sequence[tuple[Mapping[str, Any], datetime | None]],
+        policy: str = DEFAULT_POLICY,
+        *,
+        own: OwnWrites | None = None,
+        read_all: bool = False,
+        stats: Stats | None = None,
+    ) -> list[Verdict | None]:
+        """The ``hubspot_changes`` policy's verdict for each ``(wire input, occurredAt)``.
+
+        Reads HubSpot's current statuses (and opt-outs from all email) only for inputs that could
+        (re)subscribe, or for all of them with ``read_all`` (a dry run's plan). ``None`` for an input
+        that needed no read. See :mod:`hubspot_provider.hooks._guard` for how HubSpot-side changes are
+        told from this provider's own writes.
+
+        .. code-block:: python
+
+            verdicts = hook.check_hubspot_changes([(wire, occurred_at)], "respect_opt_outs")
+            withheld = [v for v in verdicts if v is not None and v.action == "withhold"]
+        """
+        policy = check_policy(policy)
+        own = own or OwnWrites()
+        wanted = [read_all or needs_read(wire, policy) for wire, _ in items]
+        emails = [str(wire.get("subscriberIdString", "")) for (wire, _), need in zip(items, wanted) if need]
+        if not emails:
+            return [None] * len(items)
+        stats = stats or Stats()
+        statuses = self.read_statuses(emails, stats=stats)
+        wides = self.read_unsubscribe_all(emails, stats=stats)
+
+        def current_of(wire: Mapping[str, Any]) -> tuple[Any, Any]:
+            email = str(wire.get("subscriberIdString", "")).lower()
+            return statuses.get(email, {}).get(wire.get("subscriptionId")), wides.get(email)
+
+        # Which current statuses could this provider have written? Only those the ledger must explain.
+        candidates = set()
+        for (wire, _), need in zip(items, wanted):
+            if need:
+                sub, wide = current_of(wire)
+                if sub is not None and sub.source in own.sources:
+                    candidates.add((sub.subscriber_id_string.lower(), sub.subscription_id,
+                                    _enum_value(sub.status), _iso_text(sub.timestamp)))
+                if wide is not None:
+                    candidates.add((str(wide.subscriber_id_string or "").lower(), None, "UNSUBSCRIBED",
+                                    _iso_text(wide.timestamp)))
+        explained = own.explained(sorted(candidates, key=str)) if own.ledger is not None else None
+
+        verdicts: list[Verdict | None] = []
+        for (wire, occurred_at), need in zip(items, wanted):
+            if not need:
+                verdicts.append(None)
+                continue
+            sub, wide = current_of(wire)
+            current_sub = current_wide = None
+            if sub is not None:
+                key = (sub.subscriber_id_string.lower(), sub.subscription_id, _enum_value(sub.status),
+                       _iso_text(sub.timestamp))
+                own_write = sub.source in own.sources and (explained is None or key in explained)
+                current_sub = Current(_enum_value(sub.status), _as_datetime(sub.timestamp), sub.source,
+                                      hubspot_side=not own_write)
+            if wide is not None:
+                key = (str(wide.subscriber_id_string or "").lower(), None, "UNSUBSCRIBED", _iso_text(wide.timestamp))
+                current_wide = Current("UNSUBSCRIBED", _as_datetime(wide.timestamp), None,
+                                       hubspot_side=explained is None or key not in explained, wide=True)
+            verdicts.append(decide(wire, occurred_at, current_sub, current_wide, policy))
+        return verdicts
+
     def get_subscription_definitions(self, *, business_unit_id: int | None = None) -> list[SubscriptionDefinition]:
         """Return the portal's subscription types (the ids ``subscriptionId`` refers to)."""
         params = {"businessUnitId": business_unit_id} if business_unit_id is not None else None
@@ -608,3 +748,60 @@ class HubSpotHook(BaseHook):
         )
         return writer.write(inputs, batch_size=size, on_failed=on_failed, keep_failed=keep_failed,
                             on_outcome=on_outcome)
+
+    def _unsubscribe_all_input(self, value: Any) -> UnsubscribeAllRequest:
+        if isinstance(value, str):
+            value = {"subscriberIdString": value, "statusState": UNSUBSCRIBE_ALL}
+        elif isinstance(value, Mapping) and "statusState" not in value and "status_state" not in value:
+            value = {**value, "statusState": UNSUBSCRIBE_ALL}
+        if isinstance(value, UnsubscribeAllRequest):
+            value = value.model_dump()
+        context = {"require_legal_basis": True} if self.require_legal_basis else None
+        # A statusState other than UNSUBSCRIBE_ALL fails here, naming the field: never sent as an opt-out.
+        return UnsubscribeAllRequest.model_validate(value, context=context)
+
+    def unsubscribe_all(
+        self,
+        inputs: Iterable[str | Mapping[str, Any] | UnsubscribeAllRequest],
+        *,
+        batch_size: int | None = None,
+        on_failed: Callable[[FailedInput], None] | None = None,
+        keep_failed: bool = True,
+        on_outcome: Callable[[InputOutcome], None] | None = None,
+    ) -> WriteReport:
+        """Opt contacts out of all email (``statuses/batch/unsubscribe-all``), batched, paced, retried
+        and accounted for exactly like :meth:`write_statuses`.
+
+        Each input is an email, or a dict with ``subscriberIdString`` (and optionally ``legalBasis``
+        and ``legalBasisExplanation``, kept for the ledger; HubSpot's request takes only the email).
+        An input succeeds when HubSpot's answer (``verbose=true``) lists the contact with every status
+        ``UNSUBSCRIBED``. Needs the scope ``communication_preferences.statuses.batch.write``.
+
+        .. code-block:: python
+
+            report = hook.unsubscribe_all(["ada@example.com", "bob@example.com"])
+        """
+        size = batch_size or self.batch_size
+        if not 1 <= size <= 1000:
+            raise HubSpotConfigError(f"batch_size must be between 1 and 1000, got {size}")
+        writer = UnsubscribeAllWriter(
+            transport=self._transport, path=f"{self.api_base_path}/statuses/batch/unsubscribe-all",
+            validate=self._unsubscribe_all_input, max_concurrency=self.max_concurrency, redact=self.redact,
+            log=self.log,
+        )
+        return writer.write(inputs, batch_size=size, on_failed=on_failed, keep_failed=keep_failed,
+                            on_outcome=on_outcome)
+
+
+def _enum_value(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    return value if isinstance(value, datetime) else None
+
+
+def _iso_text(value: Any) -> str | None:
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return None if value is None else str(value)

@@ -24,6 +24,7 @@ from airflow.providers.standard.triggers.temporal import DateTimeTrigger
 from airflow.sdk import BaseOperator, ObjectStoragePath
 from airflow.sdk.configuration import conf
 from airflow.sdk.exceptions import AirflowFailException
+from pydantic import ValidationError
 
 from hubspot_provider.exceptions import (
     HubSpotAuthError,
@@ -34,9 +35,24 @@ from hubspot_provider.exceptions import (
     HubSpotUnavailableError,
 )
 from hubspot_provider.hooks.hubspot import HubSpotHook
-from hubspot_provider.ledger import LedgerRecord, SqlLedger, as_text, ledger_record
+from hubspot_provider.hooks._batching import as_dict
+from hubspot_provider.hooks._guard import (
+    CHANGE,
+    DEFAULT_POLICY,
+    NO_OP,
+    SOURCE_WINS,
+    WITHHOLD,
+    OwnWrites,
+    Verdict,
+    check_policy,
+    parse_instant,
+)
+from hubspot_provider.hooks._transport import Stats
+from hubspot_provider.ledger import LedgerRecord, SqlLedger, as_text, ledger_record, withheld_record
+from hubspot_provider.models import UNSUBSCRIBE_ALL, describe_validation_error, validate_consent_input
 from hubspot_provider.results import INVALID_INPUT, InputOutcome, WriteReport, categories_in_words, failure_ratio_exceeded
 from hubspot_provider.staging import (
+    camel_keys,
     dead_letter,
     dead_letter_from,
     digest,
@@ -54,6 +70,7 @@ __all__ = ["HubSpotWriteStatusesOperator"]
 CHECKPOINT_VERSION = 2
 DEAD_LETTER_FOLDER = "dead-letters"
 LEDGER_FOLDER = "audit"
+PLAN_FOLDER = "plan"
 FOLDER_CHECKPOINT = "_checkpoint.json"
 FILE_CHECKPOINT_SUFFIX = ".checkpoint.json"
 SEGMENT_BATCHES = 20
@@ -82,6 +99,10 @@ class _Progress:
     segment_size: int = 0  # set once a rate-limit stop shrank the segments (0: the configured size)
     dead_letter_files: int = 0
     ledger_records: int = 0
+    # A dry run's plan: inputs by action (change, no-op, withhold), changes by transition.
+    plan: dict[str, int] = field(default_factory=dict)
+    transitions: dict[str, int] = field(default_factory=dict)
+    plan_files: int = 0
     elapsed_s: float = 0.0
     prefix_sha256: str = ""  # digest of every staged line up to the last one done
 
@@ -223,6 +244,17 @@ class HubSpotWriteStatusesOperator(BaseOperator):
     :param input_count: how many lines the staged input holds, when an earlier step already counted
         them (the consent sync's ``validate``); the "of N" of the progress log. Without it the operator
         counts the lines itself before the first segment. Templated.
+    :param hubspot_changes: what to do when consent changed inside HubSpot after the source event
+        (footer unsubscribe, preferences page, a user in HubSpot's UI): ``respect_opt_outs`` (default;
+        a newer HubSpot-side opt-out wins, the write is withheld as ``NEWER_OPT_OUT_IN_HUBSPOT``),
+        ``respect_all`` (any newer HubSpot-side change wins) or ``source_wins`` (no reads). See
+        :mod:`hubspot_provider.hooks._guard`. Templated.
+    :param dry_run: write nothing; read HubSpot's current statuses and write the plan (per input: the
+        current and proposed status, and whether it would change, be a no-op or be withheld) to
+        ``plan_uri``, with counts by transition in the summary. Templated.
+    :param own_sources: ``source`` values HubSpot gives this provider's writes (default
+        ``"Public status API"``, plus whatever write answers show).
+    :param plan_uri: folder for a dry run's plan part files (default: ``plan/`` beside the dead letters).
     :param ledger: ``False`` writes no ledger at all (not recommended: nothing would prove what was
         written; it exists to measure the ledger's cost).
     """
@@ -237,6 +269,8 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         "audit_conn_id",
         "audit_table",
         "input_count",
+        "hubspot_changes",
+        "dry_run",
     )
     ui_color = "#ff7a59"
 
@@ -261,6 +295,10 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         ledger: bool = True,
         inputs_validated: bool = False,
         input_count: int | str | None = None,
+        hubspot_changes: str = DEFAULT_POLICY,
+        dry_run: bool | str = False,
+        own_sources: Sequence[str] | None = None,
+        plan_uri: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -290,6 +328,15 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         self.ledger = ledger
         self.inputs_validated = inputs_validated
         self.input_count = input_count
+        if "{{" not in str(hubspot_changes):
+            check_policy(hubspot_changes)
+        self.hubspot_changes = hubspot_changes
+        self.dry_run = dry_run
+        self.own_sources = own_sources
+        self.plan_uri = plan_uri
+        self._own = OwnWrites(own_sources)
+        self._plan: ObjectStoragePath | None = None
+        self._audit: list[LedgerRecord | None] = []
         self._rendered_inputs: list[Any] | None = None
         self._ledger: ObjectStoragePath | None = None
         self._sql_ledger: SqlLedger | None = None
@@ -320,6 +367,15 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             max_concurrency=self.max_concurrency,
             require_legal_basis=self.require_legal_basis,
         )
+
+    @property
+    def _policy(self) -> str:
+        return check_policy(self.hubspot_changes)
+
+    @property
+    def _dry_run(self) -> bool:
+        # Rendered templates are strings ("True", "false", ...).
+        return str(self.dry_run).strip().lower() in ("true", "1", "yes")
 
     @property
     def _batch_size(self) -> int | None:
@@ -374,7 +430,8 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         self._open_ledger(context, dead_letters)
         if progress is None:
             progress = _Progress()
-            for folder in (dead_letters, self._ledger):
+            # A dry run rewrites its plan and leaves the ledger of real writes alone.
+            for folder in (dead_letters, self._plan if self._dry_run else self._ledger):
                 if folder is not None:
                     self._remove_stale_parts(folder, prefix)
         else:
@@ -477,11 +534,15 @@ class HubSpotWriteStatusesOperator(BaseOperator):
                 save()
                 raise AirflowFailException(str(exc)) from exc
 
-        if staged is not None:
+        if staged is not None and not self._dry_run:
             staged.checkpoint.unlink(missing_ok=True)
         summary = self._summary(progress, dead_letters)
-        if not progress.report.submitted and not progress.skipped:
+        if not progress.report.submitted and not progress.skipped and not progress.plan:
             self.log.warning("No input to write: %s holds no lines", self.input_uri or "inputs")
+        if self._dry_run:
+            # A plan judges nothing: the real run applies the failure policy.
+            self.log.info("HubSpot dry run done (nothing written):\n%s", _summary_lines(summary))
+            return summary
         self.log.info("HubSpot status sync done:\n%s", _summary_lines(summary))
         self._apply_failure_policy(summary, context)
         return summary
@@ -517,32 +578,47 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         dead_letters: ObjectStoragePath | None,
         prefix: str,
     ) -> Future[None] | None:
-        """Send one segment; returns the background job writing its ledger (``None`` when there is none)."""
-        sendable = [r for r in segment if r.kind == "input"]
+        """Send one segment; returns the background job writing its ledger (``None`` when there is none).
+
+        Each input is validated once (or taken as the validate step wrote it); the ``hubspot_changes``
+        policy then reads HubSpot's current statuses where a write could (re)subscribe, and withholds
+        what a newer HubSpot-side change wins. Opt-outs from all email go first, then statuses. A dry
+        run reads and plans, and writes nothing to HubSpot.
+        """
         letters: list[tuple[int, dict[str, Any]]] = [
             (r.line, dead_letter(r.value, INVALID_INPUT, r.error or "not valid JSON", False, None))
             for r in segment if r.kind == "invalid"
         ]
-        # Each outcome becomes its audit record at once (a struct the garbage collector need not
-        # track, so HubSpot's parsed answer is freed now); encoding and writing them is the ledger
-        # writer's work. By input position, so the part file follows the staged order.
-        audit: list[LedgerRecord | None] = [None] * len(sendable)
-        context = self._ledger_context
-
-        def record_outcome(outcome: InputOutcome) -> None:
-            audit[outcome.index] = ledger_record(
-                outcome, occurred_at=sendable[outcome.index].occurred_at, **context
-            )
-
-        report = self.hook.write_statuses(
-            (r.value for r in sendable), batch_size=self._batch_size, validated=self.inputs_validated,
-            on_outcome=record_outcome if (self._ledger is not None or self._sql_ledger is not None) else None,
-        )
-        for failure in report.failed:
-            record = sendable[failure.index or 0]
-            letters.append((record.line, dead_letter_from(failure, record.occurred_at)))
+        unsendable = len(letters)
+        entries: list[tuple[_Record, dict[str, Any]]] = []
+        for r in segment:
+            if r.kind != "input":
+                continue
+            wire, problem = self._wire(r.value)
+            if wire is None:
+                letters.append((r.line, dead_letter(camel_keys(as_dict(r.value)), INVALID_INPUT, problem, False,
+                                                    r.occurred_at)))
+                unsendable += 1
+            else:
+                entries.append((r, wire))
+        verdicts: list[Verdict | None] = [None] * len(entries)
+        if entries and (self._dry_run or self._policy != SOURCE_WINS):
+            stats = Stats()
+            try:
+                verdicts = self.hook.check_hubspot_changes(
+                    [(wire, parse_instant(r.occurred_at)) for r, wire in entries], self._policy,
+                    own=self._own, read_all=self._dry_run, stats=stats,
+                )
+            finally:
+                progress.report += WriteReport(reads=stats.requests, retries=stats.retries,
+                                               rate_limited=stats.rate_limited)
+        if self._dry_run:
+            self._plan_segment(entries, verdicts, progress, prefix + f"{segment[0].line:0{_LINE_DIGITS}d}.jsonl")
+            report = WriteReport()
+        else:
+            report = self._send_segment(entries, verdicts, letters)
         progress.add_outcomes(report)
-        progress.add_unsendable(sum(1 for r in segment if r.kind == "invalid"))
+        progress.add_unsendable(unsendable)
         progress.skipped += sum(1 for r in segment if r.kind == "skip")
         last = segment[-1]
         part = f"{prefix}{segment[0].line:0{_LINE_DIGITS}d}.jsonl"
@@ -550,7 +626,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             self._write_part(dead_letters, part, letters)
             progress.dead_letter_files += 1
         job = None
-        records = [r for r in audit if r is not None]
+        records, self._audit = [r for r in self._audit if r is not None], []
         if records:
             job = self._ledger_writer.submit(self._write_ledger, part, records)
             progress.ledger_records += len(records)
@@ -559,6 +635,93 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         progress.segments += 1
         progress.stalled_waits = 0
         return job
+
+    def _wire(self, value: Any) -> tuple[dict[str, Any] | None, str]:
+        """The input in wire form, or ``None`` and why it is invalid (the one validation)."""
+        if self.inputs_validated and type(value) is dict and value.get("statusState") != UNSUBSCRIBE_ALL:
+            return value, ""  # as the validate step wrote it; the hook still checks its shape
+        try:
+            return validate_consent_input(value, require_legal_basis=self.require_legal_basis).to_wire(), ""
+        except ValidationError as exc:
+            return None, describe_validation_error(exc)
+
+    def _send_segment(
+        self,
+        entries: list[tuple[_Record, dict[str, Any]]],
+        verdicts: list[Verdict | None],
+        letters: list[tuple[int, dict[str, Any]]],
+    ) -> WriteReport:
+        """Write what the policy lets through (opt-outs from all email first); account for the rest."""
+        report = WriteReport()
+        context = self._ledger_context
+        keep_ledger = self._ledger is not None or self._sql_ledger is not None
+        # Each outcome becomes its audit record at once (a struct the garbage collector need not
+        # track, so HubSpot's parsed answer is freed now); encoding and writing them is the ledger
+        # writer's work. By input position, so the part file follows the staged order.
+        audit: list[LedgerRecord | None] = [None] * len(entries)
+        self._audit = audit
+        everything, statuses = [], []
+        for position, ((record, wire), verdict) in enumerate(zip(entries, verdicts)):
+            if verdict is not None and verdict.action == WITHHOLD:
+                report.add_withheld(verdict.category or WITHHOLD)
+                letters.append((record.line, dead_letter(wire, verdict.category, verdict.message, False,
+                                                         record.occurred_at)))
+                if keep_ledger:
+                    audit[position] = withheld_record(wire, verdict, occurred_at=record.occurred_at, **context)
+            elif wire.get("statusState") == UNSUBSCRIBE_ALL:
+                everything.append(position)
+            else:
+                statuses.append(position)
+
+        def outcomes(positions: list[int]) -> Callable[[InputOutcome], None]:
+            def record_outcome(outcome: InputOutcome) -> None:
+                position = positions[outcome.index]
+                if outcome.result is not None:
+                    self._own.learn(outcome.result)
+                if keep_ledger:
+                    audit[position] = ledger_record(
+                        outcome, occurred_at=entries[position][0].occurred_at, **context
+                    )
+            return record_outcome
+
+        for positions, write in ((everything, self.hook.unsubscribe_all), (statuses, self._write_statuses)):
+            if not positions:
+                continue
+            sent = write([entries[p][1] for p in positions], batch_size=self._batch_size,
+                         on_outcome=outcomes(positions))
+            for failure in sent.failed:
+                record = entries[positions[failure.index or 0]][0]
+                letters.append((record.line, dead_letter_from(failure, record.occurred_at)))
+            report += sent
+        return report
+
+    def _write_statuses(self, wires: list[dict[str, Any]], **kwargs: Any) -> WriteReport:
+        return self.hook.write_statuses(wires, validated=True, **kwargs)
+
+    def _plan_segment(
+        self,
+        entries: list[tuple[_Record, dict[str, Any]]],
+        verdicts: list[Verdict | None],
+        progress: _Progress,
+        part: str,
+    ) -> None:
+        """A dry run's plan for one segment: per input, HubSpot's current status, the proposed one,
+        and whether it would change, be a no-op, or be withheld by the policy."""
+        rows = []
+        for (record, wire), verdict in zip(entries, verdicts):
+            if verdict is None:  # a dry run reads every key; this cannot happen, but never guess
+                continue
+            progress.plan[verdict.action] = progress.plan.get(verdict.action, 0) + 1
+            if verdict.action == CHANGE:
+                progress.transitions[verdict.label] = progress.transitions.get(verdict.label, 0) + 1
+            rows.append((record.line, {
+                "input": wire, "occurredAt": record.occurred_at, "action": verdict.action,
+                "transition": verdict.label, "current": verdict.current.to_dict() if verdict.current else None,
+                "category": verdict.category, "message": verdict.message,
+            }))
+        if rows and self._plan is not None:
+            self._write_part(self._plan, part, rows)
+            progress.plan_files += 1
 
     def _write_ledger(self, part: str, records: list[LedgerRecord]) -> None:
         if self._ledger is not None:
@@ -592,6 +755,15 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             "superseded": report.superseded,
             "failed": report.failed_count,
             "retryable_failed": report.retryable_failed,
+            "withheld": report.withheld,
+            "withheld_by_category": dict(sorted(report.withheld_by_category.items())),
+            "hubspot_changes": self._policy,
+            "reads": report.reads,
+            "dry_run": self._dry_run,
+            "plan": {**{action: progress.plan.get(action, 0) for action in (CHANGE, NO_OP, WITHHOLD)},
+                     "transitions": dict(sorted(progress.transitions.items(), key=lambda kv: (-kv[1], kv[0])))}
+            if self._dry_run else None,
+            "plan_uri": str(self._plan) if self._dry_run and self._plan is not None and progress.plan_files else None,
             "skipped": progress.skipped,
             "failed_by_category": dict(sorted(report.failed_by_category.items())),
             "reasons": dict(sorted(report.reasons.items())),
@@ -610,6 +782,10 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         }
 
     def _open_ledger(self, context: Context | None, dead_letters: ObjectStoragePath | None) -> None:
+        if self.plan_uri:
+            self._plan = ObjectStoragePath(str(self.plan_uri).strip())
+        elif dead_letters is not None:
+            self._plan = dead_letters.parent / PLAN_FOLDER
         if not self.ledger:
             return
         if self.ledger_uri:
@@ -619,6 +795,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         conn_id = str(self.audit_conn_id or "").strip()
         if conn_id and conn_id != "None":
             self._sql_ledger = SqlLedger(conn_id, str(self.audit_table))
+        self._own = OwnWrites(self.own_sources, ledger=self._sql_ledger)
         context = context or {}
         self._ledger_context = {
             "run_id": context.get("run_id"),
@@ -744,8 +921,11 @@ class HubSpotWriteStatusesOperator(BaseOperator):
 
         A checkpoint carries its own digest and the digest of the staged lines it says are done; a
         resume re-reads those lines and compares. On any mismatch the run starts over (writes are
-        idempotent, dead-letter parts are rewritten) with a warning, never skipping a line.
+        idempotent, dead-letter parts are rewritten) with a warning, never skipping a line. A dry run
+        neither reads nor writes checkpoints: the real run after it must start from the first line.
         """
+        if self._dry_run:
+            return None, segment_size
         self._done_hash = hashlib.sha256()
         if not staged.checkpoint.exists():
             return None, segment_size
@@ -782,6 +962,8 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         return progress, int(doc.get("segment_size") or segment_size)
 
     def _save_checkpoint(self, staged: _Staged, progress: dict[str, Any], segment_size: int) -> None:
+        if self._dry_run:
+            return
         doc = {
             "version": CHECKPOINT_VERSION,
             "input_uri": str(staged.root),
@@ -834,17 +1016,31 @@ def _summary_lines(summary: dict[str, Any]) -> str:
         f"({summary['changed']:,} changed, {summary['unchanged']:,} already so), "
         f"{summary['superseded']:,} superseded, {summary['failed']:,} failed, {summary['skipped']:,} skipped",
     ]
+    if summary.get("plan"):
+        lines.append("  plan: " + plan_in_words(summary["plan"]) +
+                     (f"; rows in {summary['plan_uri']}" if summary.get("plan_uri") else ""))
+    if summary.get("withheld"):
+        lines.append(f"  withheld ({summary['hubspot_changes']}: a newer change made in HubSpot wins): "
+                     f"{categories_in_words(summary['withheld_by_category'])}; listed with the dead letters")
     if summary["failed"]:
         lines.append(f"  failed: {categories_in_words(summary['failed_by_category'])}; dead letters in "
                      f"{summary['dead_letter_uri'] or 'not written (no dead_letter_uri)'}")
     if summary["ledger_uri"]:
         lines.append(f"  ledger: {summary['ledger_records']:,} audit records in {summary['ledger_uri']}")
     lines.append(
-        f"  HubSpot: {summary['requests']:,} requests, {summary['retries']:,} retried, "
+        f"  HubSpot: {summary['requests']:,} requests ({summary.get('reads', 0):,} more to read current statuses), "
+        f"{summary['retries']:,} retried, "
         f"{summary['rate_limited']:,} rate-limited, {summary['deferrals']:,} deferrals; "
         f"{summary['records_per_s']:,.0f} statuses/s over {summary['elapsed_s']:.1f} s"
     )
     return "\n".join(lines)
+
+
+def plan_in_words(plan: dict[str, Any]) -> str:
+    """``1,204 would change: 880 SUBSCRIBED→UNSUBSCRIBED, …; 9,310 already so; 12 withheld``."""
+    transitions = ", ".join(f"{count:,} {label}" for label, count in (plan.get("transitions") or {}).items())
+    return (f"{plan.get(CHANGE, 0):,} would change{f': {transitions}' if transitions else ''}; "
+            f"{plan.get(NO_OP, 0):,} already so; {plan.get(WITHHOLD, 0):,} withheld")
 
 
 def _same(a: ObjectStoragePath, b: ObjectStoragePath) -> bool:

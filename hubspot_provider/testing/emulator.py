@@ -6,12 +6,23 @@ connections without a HubSpot account:
 
 * ``POST /communication-preferences/{v4,2026-03}/statuses/batch/write``
 * ``POST /communication-preferences/{v4,2026-03}/statuses/batch/read?channel=EMAIL``
+* ``POST /communication-preferences/{v4,2026-03}/statuses/batch/unsubscribe-all?channel=EMAIL[&verbose=true]``
+* ``POST /communication-preferences/{v4,2026-03}/statuses/batch/unsubscribe-all/read?channel=EMAIL``
 * ``GET  /communication-preferences/{v4,2026-03}/definitions``
 * ``POST /oauth/v1/token`` and ``POST /oauth/2026-03/token`` (refresh-token grant)
 
 Rate limits (rolling and daily), missing scopes, expired OAuth tokens, server errors and
 dropped connections can be switched on by configuration or scripted per request with
 :meth:`HubSpotEmulator.inject`.
+
+Changes a contact makes on HubSpot's side, outside the API, are simulated with
+:meth:`HubSpotEmulator.footer_unsubscribe`, :meth:`~HubSpotEmulator.preferences_page`,
+:meth:`~HubSpotEmulator.unsubscribe_all_in_hubspot` and :meth:`~HubSpotEmulator.hubspot_side_change`.
+They are not API requests. The ``source`` strings they record (:data:`SOURCE_UNSUBSCRIBE_LINK`,
+:data:`SOURCE_PREFERENCES_PAGE`, :data:`SOURCE_HUBSPOT_UI`) are the emulator's own choice: HubSpot
+documents ``PublicStatus.source`` as free text and shows only examples such as
+``"Public status API"`` (:data:`SOURCE_PUBLIC_API`, what API writes record here too) and
+``"Self Service Resubscription"``.
 
 Example::
 
@@ -45,6 +56,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -57,6 +69,10 @@ __all__ = [
     "INJECT_KINDS",
     "HubSpotEmulator",
     "RequestRecord",
+    "SOURCE_HUBSPOT_UI",
+    "SOURCE_PREFERENCES_PAGE",
+    "SOURCE_PUBLIC_API",
+    "SOURCE_UNSUBSCRIBE_LINK",
     "main",
 ]
 
@@ -81,7 +97,14 @@ OAUTH_TOKEN_PATHS = ("/oauth/v1/token", "/oauth/2026-03/token")
 # Fixed so that groupName in 429 bodies looks like HubSpot's and stays stable across runs.
 PORTAL_ID = 62515
 
-_SOURCE = "Public status API"
+# PublicStatus.source values. HubSpot documents the field as free text; only the API's value is
+# taken from HubSpot's examples, the others are the emulator's choice (see the module docstring).
+SOURCE_PUBLIC_API = "Public status API"
+SOURCE_HUBSPOT_UI = "HubSpot UI"
+SOURCE_UNSUBSCRIBE_LINK = "Unsubscribe Link"
+SOURCE_PREFERENCES_PAGE = "Subscription Preferences Page"
+
+_SOURCE = SOURCE_PUBLIC_API
 _DEFINITION_TIMESTAMP = "2024-01-15T09:30:00.000Z"
 
 _CHANNELS = frozenset({"EMAIL"})
@@ -161,7 +184,72 @@ def is_valid_email(value: object) -> bool:
 
 
 def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".%03dZ" % (int(ts * 1000) % 1000)
+    # Whole milliseconds first, so that 1714979289.123 (stored as ...289.12299999) reads ".123".
+    ms = round(ts * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + ".%03dZ" % (ms % 1000)
+
+
+def _epoch(at: datetime | float | None) -> float:
+    """Seconds since the epoch for ``at``: an aware datetime, a number, or ``None`` for now."""
+    if at is None:
+        return time.time()
+    if isinstance(at, datetime):
+        if at.tzinfo is None or at.utcoffset() is None:
+            raise ValueError("at must be a timezone-aware datetime")
+        return at.timestamp()
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
+        raise TypeError("at must be an aware datetime, seconds since the epoch, or None")
+    return float(at)
+
+
+def _status_record(
+    email: str,
+    subscription_id: int,
+    definition: Mapping[str, Any],
+    status: str,
+    source: str,
+    stamp: str,
+    legal_basis: str | None = None,
+    explanation: str | None = None,
+) -> dict[str, Any]:
+    """A stored PublicStatus, in the shape batch/read returns; ``email`` is already lower-cased."""
+    return {
+        "channel": "EMAIL",
+        "source": source,
+        "status": status,
+        "subscriberIdString": email,
+        "subscriptionId": subscription_id,
+        "timestamp": stamp,
+        "businessUnitId": 0,
+        "legalBasis": legal_basis,
+        "legalBasisExplanation": explanation,
+        "subscriptionName": definition["name"],
+    }
+
+
+def _wide_status_record(email: str, stamp: str) -> dict[str, Any]:
+    """A stored PublicWideStatus (portal-wide opt-out of all email); ``email`` is lower-cased."""
+    return {
+        "subscriberIdString": email,
+        "channel": "EMAIL",
+        "status": "UNSUBSCRIBED",
+        "timestamp": stamp,
+        "wideStatusType": "PORTAL_WIDE",
+        "businessUnitId": 0,
+    }
+
+
+def _email_error(value: Any) -> dict[str, Any]:
+    """The per-input error for a malformed subscriber email in a BatchInputString."""
+    shown = value if isinstance(value, str) else json.dumps(value)
+    return {
+        "status": "error",
+        "category": "VALIDATION_ERROR",
+        "message": f"Invalid email address: {shown}",
+        "context": {"subscriberIdString": [shown]},
+        "errors": [],
+        "links": {},
+    }
 
 
 def _envelope(
@@ -234,18 +322,27 @@ class _Reply:
 
 
 class _Route:
-    __slots__ = ("name", "method", "scopes")
+    """One endpoint; ``writes`` routes change statuses and are the ones faults are injected into."""
 
-    def __init__(self, name: str, method: str, scopes: tuple[str, ...]) -> None:
+    __slots__ = ("name", "method", "scopes", "writes")
+
+    def __init__(self, name: str, method: str, scopes: tuple[str, ...], writes: bool = False) -> None:
         self.name = name
         self.method = method
         self.scopes = scopes
+        self.writes = writes
 
 
 _ROUTES: dict[str, _Route] = {}
 for _base in API_BASE_PATHS:
-    _ROUTES[_base + "statuses/batch/write"] = _Route("write", "POST", (SCOPE_BATCH_WRITE,))
+    _ROUTES[_base + "statuses/batch/write"] = _Route("write", "POST", (SCOPE_BATCH_WRITE,), writes=True)
     _ROUTES[_base + "statuses/batch/read"] = _Route("read", "POST", (SCOPE_BATCH_READ,))
+    _ROUTES[_base + "statuses/batch/unsubscribe-all"] = _Route(
+        "unsubscribe_all", "POST", (SCOPE_BATCH_WRITE,), writes=True
+    )
+    _ROUTES[_base + "statuses/batch/unsubscribe-all/read"] = _Route(
+        "unsubscribe_all_read", "POST", (SCOPE_BATCH_READ,)
+    )
     _ROUTES[_base + "definitions"] = _Route("definitions", "GET", (SCOPE_READ_WRITE, SCOPE_READ))
 for _path in OAUTH_TOKEN_PATHS:
     _ROUTES[_path] = _Route("oauth_token", "POST", ())
@@ -262,6 +359,22 @@ class HubSpotEmulator:
     Start it with :meth:`start` or as a context manager; point clients at :attr:`url`.
     All state is kept in memory and guarded by one lock; inspection properties return copies.
 
+    Unsubscribe from all: ``statuses/batch/unsubscribe-all`` (and :meth:`unsubscribe_all_in_hubspot`)
+    record a portal-wide status (``wideStatusType`` ``PORTAL_WIDE``, ``status`` ``UNSUBSCRIBED``) and
+    set every defined subscription of the contact to ``UNSUBSCRIBED``. The wide status is modelled
+    as sticky: later per-subscription changes, through ``batch/write`` or the HubSpot-side helpers,
+    change only that subscription and never clear the wide status. HubSpot does not document how a
+    contact's opt-out of all email is lifted, and a sticky flag is the conservative reading; only
+    :meth:`reset` forgets wide statuses.
+
+    HubSpot-side changes (the email footer's unsubscribe link, the subscription preferences page,
+    edits in HubSpot's UI) are made with :meth:`hubspot_side_change` and its shortcuts. They take
+    effect immediately, are not API requests (not logged, not rate limited, not counted in
+    :attr:`writes_applied`) and record the emulator's own ``source`` strings
+    (:data:`SOURCE_UNSUBSCRIBE_LINK`, :data:`SOURCE_PREFERENCES_PAGE`, :data:`SOURCE_HUBSPOT_UI`);
+    HubSpot documents ``source`` as free text, e.g. ``"Public status API"`` or
+    ``"Self Service Resubscription"``.
+
     :param token: static bearer token (private app / service key) that is accepted.
     :param scopes: scopes granted to ``token`` and to OAuth access tokens issued by the emulator.
     :param extra_tokens: more static tokens, ``{token: scopes}``, e.g. one without the write scope.
@@ -277,15 +390,16 @@ class HubSpotEmulator:
         like HubSpot).
     :param fault_rate_5xx: probability that an API request fails with a random 500/502/503/504,
         with nothing applied.
-    :param fault_rate_drop_after_write: probability that a batch write is applied and then the
-        connection is closed without a response.
+    :param fault_rate_drop_after_write: probability that a batch write or batch unsubscribe-all is
+        applied and then the connection is closed without a response.
     :param latency_s: delay added to every request: seconds, or a ``(low, high)`` range drawn
         uniformly.
     :param seed: seed for the random faults and latency, so runs are reproducible.
     :param gdpr: require ``legalBasis`` and ``legalBasisExplanation`` on every input, as an
         account with data-privacy settings does; inputs without them fail individually.
     :param max_batch_inputs: a batch with more inputs than this is rejected whole (400).
-    :param multi_status: answer 207 instead of 200 when a batch write has per-input errors.
+    :param multi_status: answer 207 instead of 200 when a batch write or batch unsubscribe-all has
+        per-input errors (HubSpot's spec declares only 200 for both).
     :param oauth_client_id: client id accepted by the token endpoint.
     :param oauth_client_secret: client secret accepted by the token endpoint.
     :param oauth_refresh_token: refresh token accepted by the token endpoint.
@@ -433,7 +547,10 @@ class HubSpotEmulator:
         return f"http://127.0.0.1:{self.port}"
 
     def inject(self, kind: str, count: int = 1) -> None:
-        """Script faults for the next ``count`` batch-write requests (first in, first out).
+        """Script faults for the next ``count`` write requests (first in, first out).
+
+        Write requests are ``statuses/batch/write`` and ``statuses/batch/unsubscribe-all``; reads,
+        definitions and token requests never consume an injected fault.
 
         Kinds: ``"500"``, ``"502"``, ``"503"``, ``"504"`` (error body, nothing applied); ``"429"``
         (TEN_SECONDLY_ROLLING body); ``"429_daily"`` (DAILY body); ``"drop_before"`` (connection
@@ -470,6 +587,16 @@ class HubSpotEmulator:
         with self._lock:
             return {key: dict(value) for key, value in self._statuses.items()}
 
+    def wide_status_of(self, email: str) -> dict[str, Any] | None:
+        """The contact's portal-wide EMAIL status (a PublicWideStatus dict), or ``None`` if none.
+
+        Set by ``statuses/batch/unsubscribe-all`` and :meth:`unsubscribe_all_in_hubspot`; it stays
+        set until :meth:`reset`, whatever is later written to single subscriptions.
+        """
+        with self._lock:
+            record = self._wide_statuses.get((email.lower(), "EMAIL"))
+            return dict(record) if record is not None else None
+
     @property
     def requests(self) -> list[RequestRecord]:
         """A copy of the request log, oldest first."""
@@ -478,7 +605,12 @@ class HubSpotEmulator:
 
     @property
     def writes_applied(self) -> int:
-        """How many batch-write inputs were applied (including ones that changed nothing)."""
+        """How many write inputs were applied (including ones that changed nothing).
+
+        A ``batch/write`` input counts once, and so does each distinct valid email of a
+        ``batch/unsubscribe-all`` request. HubSpot-side changes made with :meth:`hubspot_side_change`
+        and its shortcuts are not counted.
+        """
         with self._lock:
             return self._writes_applied
 
@@ -500,13 +632,105 @@ class HubSpotEmulator:
             self._day_started_at = None
 
     def reset(self) -> None:
-        """Forget statuses, the request log, counters, rate-limit usage and injected faults.
+        """Forget statuses, wide statuses, the request log, counters, rate-limit usage and injected faults.
 
         The random generators are reseeded, so a reset emulator behaves like a fresh one.
         Issued OAuth access tokens stay valid.
         """
         with self._lock:
             self._reset_state()
+
+    # ------------------------------------------------------------------ HubSpot-side changes
+
+    def hubspot_side_change(
+        self,
+        email: str,
+        subscription_id: int,
+        status: str,
+        *,
+        source: str = SOURCE_HUBSPOT_UI,
+        at: datetime | float | None = None,
+    ) -> dict[str, Any]:
+        """Change one subscription status the way HubSpot itself would, outside the API.
+
+        The record is stored exactly as ``batch/read`` returns it: ``timestamp`` from ``at``,
+        ``source`` as given, ``legalBasis`` and ``legalBasisExplanation`` ``None``, ``subscriptionName``
+        from the definition. The change is not an API request: it is not logged, uses no rate-limit
+        budget and is not counted in :attr:`writes_applied`. A wide status is left as it is.
+
+        :param email: the contact's email address (stored lower-cased).
+        :param subscription_id: id of a configured subscription definition.
+        :param status: ``"SUBSCRIBED"``, ``"UNSUBSCRIBED"`` or ``"NOT_SPECIFIED"``.
+        :param source: the ``source`` to record; HubSpot documents it as free text.
+        :param at: when the change happened: an aware datetime, seconds since the epoch, or
+            ``None`` for now; stored with millisecond precision.
+        :return: a copy of the stored record.
+        :raises ValueError: for an invalid email, an unknown subscription id, an invalid status or
+            a naive datetime.
+        :raises TypeError: if ``at`` is none of the accepted types.
+
+        Example::
+
+            hs.hubspot_side_change("ada@example.com", 1002, "SUBSCRIBED", at=time.time() - 3600)
+        """
+        if not is_valid_email(email):
+            raise ValueError(f"invalid email address: {email!r}")
+        definition = self._definitions.get(subscription_id) if type(subscription_id) is int else None
+        if definition is None:
+            configured = ", ".join(map(str, self._definitions))
+            raise ValueError(f"unknown subscription id {subscription_id!r}; configured: {configured}")
+        if status not in _STATUS_STATES:
+            raise ValueError(
+                f"invalid status {status!r}; expected one of {', '.join(sorted(_STATUS_STATES))}"
+            )
+        if type(source) is not str or not source:
+            raise ValueError("source must be a non-empty string")
+        stamp = _iso(_epoch(at))
+        lowered = email.lower()
+        record = _status_record(lowered, subscription_id, definition, status, source, stamp)
+        with self._lock:
+            self._statuses[(lowered, subscription_id, "EMAIL")] = record
+            return dict(record)
+
+    def footer_unsubscribe(
+        self, email: str, subscription_id: int, *, at: datetime | float | None = None
+    ) -> dict[str, Any]:
+        """The contact clicks the one-click unsubscribe link in an email's footer.
+
+        Sets the subscription to ``UNSUBSCRIBED`` with source :data:`SOURCE_UNSUBSCRIBE_LINK`; see
+        :meth:`hubspot_side_change`.
+        """
+        return self.hubspot_side_change(
+            email, subscription_id, "UNSUBSCRIBED", source=SOURCE_UNSUBSCRIBE_LINK, at=at
+        )
+
+    def preferences_page(
+        self, email: str, subscription_id: int, status: str, *, at: datetime | float | None = None
+    ) -> dict[str, Any]:
+        """The contact changes one subscription on HubSpot's subscription preferences page.
+
+        Records source :data:`SOURCE_PREFERENCES_PAGE`; see :meth:`hubspot_side_change`.
+        """
+        return self.hubspot_side_change(email, subscription_id, status, source=SOURCE_PREFERENCES_PAGE, at=at)
+
+    def unsubscribe_all_in_hubspot(self, email: str, *, at: datetime | float | None = None) -> dict[str, Any]:
+        """The contact chooses "unsubscribe from all" on HubSpot's subscription preferences page.
+
+        Records the portal-wide status and sets every defined subscription to ``UNSUBSCRIBED`` with
+        source :data:`SOURCE_UNSUBSCRIBE_LINK`, exactly as ``statuses/batch/unsubscribe-all`` does
+        apart from the source: subscriptions already ``UNSUBSCRIBED`` keep their record, and an
+        existing wide status keeps its timestamp. Not an API request (see :meth:`hubspot_side_change`).
+
+        :return: a copy of the contact's wide status.
+        :raises ValueError: for an invalid email address or a naive datetime.
+        """
+        if not is_valid_email(email):
+            raise ValueError(f"invalid email address: {email!r}")
+        stamp = _iso(_epoch(at))
+        lowered = email.lower()
+        with self._lock:
+            self._unsubscribe_all_locked(lowered, SOURCE_UNSUBSCRIBE_LINK, stamp)
+            return dict(self._wide_statuses[(lowered, "EMAIL")])
 
     def airflow_connection(self, conn_id: str = "hubspot_default", **extra: Any) -> str:
         """JSON for an ``AIRFLOW_CONN_<CONN_ID>`` environment variable pointing at this emulator.
@@ -534,6 +758,7 @@ class HubSpotEmulator:
 
     def _reset_state(self) -> None:
         self._statuses: dict[tuple[str, int, str], dict[str, Any]] = {}
+        self._wide_statuses: dict[tuple[str, str], dict[str, Any]] = {}
         self._records: list[RequestRecord] = []
         self._window: deque[float] = deque()
         self._daily_used = 0
@@ -608,7 +833,7 @@ class HubSpotEmulator:
 
         reply: _Reply | None = None
         injected: str | None = None
-        if route.name == "write":
+        if route.writes:
             with self._lock:
                 injected = self._injected.popleft() if self._injected else None
             if injected in _SHORT_CIRCUIT_KINDS:
@@ -637,9 +862,13 @@ class HubSpotEmulator:
                 reply = self._batch_write(doc, correlation_id, limit_headers)
             elif route.name == "read":
                 reply = self._batch_read(doc, query, correlation_id, limit_headers)
+            elif route.name == "unsubscribe_all":
+                reply = self._batch_unsubscribe_all(doc, query, correlation_id, limit_headers)
+            elif route.name == "unsubscribe_all_read":
+                reply = self._batch_unsubscribe_all_read(doc, query, correlation_id, limit_headers)
             else:
                 reply = self._definitions_reply(query, correlation_id, limit_headers)
-            if route.name == "write" and reply.kind == "ok" and self.fault_rate_drop_after_write > 0:
+            if route.writes and reply.kind == "ok" and self.fault_rate_drop_after_write > 0:
                 with self._lock:
                     reply.drop = self._fault_rng.random() < self.fault_rate_drop_after_write
         reply.n_inputs = n_inputs
@@ -858,19 +1087,17 @@ class HubSpotEmulator:
                     reason = "RESUBSCRIBE_OCCURRED"
                 else:
                     reason = "REQUESTED_CHANGE_OCCURRED"
-                record = {
-                    "channel": "EMAIL",
-                    "source": _SOURCE,
-                    "status": new,
-                    "subscriberIdString": key[0],
-                    "subscriptionId": sid,
+                record = _status_record(
+                    key[0],
+                    sid,
+                    definition,
+                    new,
+                    _SOURCE,
                     # An unchanged status keeps the time it was last really set.
-                    "timestamp": previous["timestamp"] if previous is not None and old == new else stamp,
-                    "businessUnitId": 0,
-                    "legalBasis": legal_basis,
-                    "legalBasisExplanation": explanation,
-                    "subscriptionName": definition["name"],
-                }
+                    previous["timestamp"] if previous is not None and old == new else stamp,
+                    legal_basis,
+                    explanation,
+                )
                 statuses[key] = record
                 result = dict(record)
                 result["setStatusSuccessReason"] = reason
@@ -881,9 +1108,15 @@ class HubSpotEmulator:
         status = 207 if errors and self.multi_status else 200
         return self._reply(status, payload, correlation_id, "ok", headers)
 
-    def _batch_read(self, doc: Any, query: str, correlation_id: str, headers: _Headers) -> _Reply:
-        started = time.time()
-        channel = parse_qs(query).get("channel") if query else None
+    def _email_batch(
+        self, doc: Any, query: str, correlation_id: str, headers: _Headers
+    ) -> tuple[list[Any], dict[str, list[str]]] | _Reply:
+        """Check the ``channel`` query parameter and a BatchInputString body.
+
+        Returns ``(inputs, query parameters)``, or the 400 that rejects the whole request.
+        """
+        params = parse_qs(query) if query else {}
+        channel = params.get("channel")
         if channel is None:
             return self._bad_request("Missing required query parameter: channel", correlation_id, headers)
         if channel[-1] not in _CHANNELS:
@@ -901,22 +1134,21 @@ class HubSpotEmulator:
                 correlation_id,
                 headers,
             )
+        return inputs, params
+
+    def _batch_read(self, doc: Any, query: str, correlation_id: str, headers: _Headers) -> _Reply:
+        started = time.time()
+        checked = self._email_batch(doc, query, correlation_id, headers)
+        if isinstance(checked, _Reply):
+            return checked
+        inputs, _params = checked
         results: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
         seen: set[str] = set()
         with self._lock:
             for email in inputs:
                 if not is_valid_email(email):
-                    shown = email if isinstance(email, str) else json.dumps(email)
-                    error = {
-                        "status": "error",
-                        "category": "VALIDATION_ERROR",
-                        "message": f"Invalid email address: {shown}",
-                        "context": {"subscriberIdString": [shown]},
-                        "errors": [],
-                        "links": {},
-                    }
-                    errors.append(error)
+                    errors.append(_email_error(email))
                     continue
                 lowered = email.lower()
                 if lowered in seen:
@@ -928,6 +1160,90 @@ class HubSpotEmulator:
                     if (record := self._statuses.get((lowered, sid, "EMAIL"))) is not None
                 ]
                 results.append({"subscriberIdString": lowered, "statuses": statuses})
+        payload = _envelope(started, results, errors)
+        return self._reply(207 if errors else 200, payload, correlation_id, "ok", headers)
+
+    def _unsubscribe_all_locked(self, email: str, source: str, stamp: str) -> list[dict[str, Any]]:
+        """Opt ``email`` (lower-cased) out of all email; the caller holds the lock.
+
+        Records the portal-wide status (an existing one keeps its timestamp) and sets every defined
+        subscription to ``UNSUBSCRIBED`` with ``source`` and ``stamp``; a subscription already
+        ``UNSUBSCRIBED`` keeps its record, timestamp and source included. Returns the email's
+        PublicStatus records, in definition order, each with ``setStatusSuccessReason``.
+        """
+        self._wide_statuses.setdefault((email, "EMAIL"), _wide_status_record(email, stamp))
+        statuses = self._statuses
+        results: list[dict[str, Any]] = []
+        for sid, definition in self._definitions.items():
+            key = (email, sid, "EMAIL")
+            previous = statuses.get(key)
+            if previous is not None and previous["status"] == "UNSUBSCRIBED":
+                result = dict(previous)
+                result["setStatusSuccessReason"] = "NO_STATUS_CHANGE"
+            else:
+                record = _status_record(email, sid, definition, "UNSUBSCRIBED", source, stamp)
+                statuses[key] = record
+                result = dict(record)
+                result["setStatusSuccessReason"] = "UNSUBSCRIBE_FROM_ALL_OCCURRED"
+            results.append(result)
+        return results
+
+    def _batch_unsubscribe_all(self, doc: Any, query: str, correlation_id: str, headers: _Headers) -> _Reply:
+        """``statuses/batch/unsubscribe-all``: opt every valid email out of all email.
+
+        Malformed emails become per-input errors and the others are applied. Each result carries the
+        email's PublicStatus records only with ``verbose=true``, as HubSpot documents for the
+        single-contact endpoint; otherwise ``statuses`` is empty.
+        """
+        started = time.time()
+        checked = self._email_batch(doc, query, correlation_id, headers)
+        if isinstance(checked, _Reply):
+            return checked
+        inputs, params = checked
+        verbose = (params.get("verbose") or ["false"])[-1].lower() == "true"
+        results: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        with self._lock:
+            stamp = _iso(time.time())
+            for email in inputs:
+                if not is_valid_email(email):
+                    errors.append(_email_error(email))
+                    continue
+                lowered = email.lower()
+                if lowered in seen:
+                    continue
+                seen.add(lowered)
+                statuses = self._unsubscribe_all_locked(lowered, _SOURCE, stamp)
+                results.append({"subscriberIdString": lowered, "statuses": statuses if verbose else []})
+            self._writes_applied += len(results)
+        payload = _envelope(started, results, errors)
+        status = 207 if errors and self.multi_status else 200
+        return self._reply(status, payload, correlation_id, "ok", headers)
+
+    def _batch_unsubscribe_all_read(
+        self, doc: Any, query: str, correlation_id: str, headers: _Headers
+    ) -> _Reply:
+        """``statuses/batch/unsubscribe-all/read``: each valid email's wide statuses (maybe none)."""
+        started = time.time()
+        checked = self._email_batch(doc, query, correlation_id, headers)
+        if isinstance(checked, _Reply):
+            return checked
+        inputs, _params = checked
+        results: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        with self._lock:
+            for email in inputs:
+                if not is_valid_email(email):
+                    errors.append(_email_error(email))
+                    continue
+                lowered = email.lower()
+                if lowered in seen:
+                    continue
+                seen.add(lowered)
+                wide = self._wide_statuses.get((lowered, "EMAIL"))
+                results.append({"subscriberIdString": lowered, "wideStatuses": [dict(wide)] if wide else []})
         payload = _envelope(started, results, errors)
         return self._reply(207 if errors else 200, payload, correlation_id, "ok", headers)
 
@@ -1189,7 +1505,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed for random faults")
     parser.add_argument("--gdpr", action="store_true", help="require legal basis and explanation")
     parser.add_argument("--max-batch-inputs", type=int, default=None, help="reject larger batches with a 400")
-    parser.add_argument("--multi-status", action="store_true", help="answer 207 to batch writes with errors")
+    parser.add_argument(
+        "--multi-status",
+        action="store_true",
+        help="answer 207 to batch writes and unsubscribe-alls with errors",
+    )
     return parser.parse_args(argv)
 
 
