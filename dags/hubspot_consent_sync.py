@@ -6,7 +6,12 @@
   (UTC) from ``source_table`` through any Airflow SQL connection, keeps the latest event per
   (email, subscription, EMAIL) and stages them under ``<storage_uri>/<run id>/staged/``. A key the
   source changed again after the interval is left to that later event (and its own run).
-* **validate** checks each staged event; invalid ones become dead letters (``INVALID_INPUT``).
+* **validate** checks each staged event; invalid ones become dead letters (``INVALID_INPUT``). A
+  ``status`` of ``UNSUBSCRIBE_ALL`` opts the contact out of all email (``subscription_id`` may be NULL).
+* Before writing, **submit** reads HubSpot's current statuses where a write could (re)subscribe a
+  contact: with ``hubspot_changes=respect_opt_outs`` (the default) an opt-out made inside HubSpot
+  after the source event wins, and the write is withheld and reported. ``dry_run`` writes nothing and
+  leaves the plan under ``<run>/plan/``.
 * **submit** writes the valid ones with ``HubSpotWriteStatusesOperator`` through the ``hubspot_api``
   pool, which caps concurrent writers across runs and workers. The provider's plugin creates the
   pool (2 slots) when the scheduler starts if nobody has; resize it with ``airflow pools set``. It
@@ -110,6 +115,21 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
             pattern=consent.IDENTIFIER_PATTERN,
             description="The ledger table on audit_conn_id (DDL in the README).",
         ),
+        "hubspot_changes": Param(
+            "respect_opt_outs",
+            type="string",
+            enum=["respect_opt_outs", "respect_all", "source_wins"],
+            description="Consent changed inside HubSpot after the source event (footer unsubscribe, "
+            "preferences page, HubSpot's UI): respect_opt_outs keeps a newer HubSpot-side opt-out "
+            "(the write is withheld and reported); respect_all keeps any newer HubSpot-side change; "
+            "source_wins overwrites HubSpot (no reads).",
+        ),
+        "dry_run": Param(
+            False,
+            type="boolean",
+            description="Write nothing: read HubSpot's current statuses and write the plan (what would "
+            "change, what is already so, what would be withheld) under <run>/plan/.",
+        ),
         "later_events_win": Param(
             True,
             type="boolean",
@@ -194,6 +214,8 @@ def hubspot_consent_sync() -> None:
         max_failed_ratio=None,  # one policy per run, applied by the outcome task over everything
         inputs_validated=True,  # validate wrote them: they are sent as they are
         input_count="{{ ti.xcom_pull(task_ids='validate')['valid'] }}",  # validate counted them
+        hubspot_changes="{{ params.hubspot_changes }}",
+        dry_run="{{ params.dry_run }}",
         deferrable=True,
         pool=consent.HUBSPOT_POOL,
         on_failure_callback=ALERT_NOTIFIERS,

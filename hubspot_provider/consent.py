@@ -6,7 +6,8 @@ wire tasks; everything they do lives here, so it can be tested without a schedul
 A run keeps its files under ``<storage_uri>/<run id>/`` (any Airflow object-storage URI)::
 
     staged/events.jsonl          latest event per (email, subscription, EMAIL) in the data interval
-    validated/statuses.jsonl     the staged events that pass PublicStatusRequest validation
+    validated/statuses.jsonl     the staged events that pass validation (a subscription status, or an
+                                 opt-out from all email), opt-outs from all email first
     dead-letters/*.jsonl         every event of the interval that did not land, with category and reason
     superseded/part-extract.jsonl   every event of the interval a later event of its key superseded,
                                  named with when that event happened
@@ -45,8 +46,8 @@ from airflow.sdk import BaseHook, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowFailException
 from pydantic import ValidationError
 
-from hubspot_provider.models import PublicStatusRequest, describe_validation_error
-from hubspot_provider.results import INVALID_INPUT, WriteReport, categories_in_words, failure_ratio_exceeded
+from hubspot_provider.models import UNSUBSCRIBE_ALL, describe_validation_error, validate_consent_input
+from hubspot_provider.results import INVALID_INPUT, WriteReport, categories_in_words, failure_ratio_exceeded, plan_in_words
 from hubspot_provider.staging import JsonlWriter, dead_letter, dumps, jsonl_files, read_objects, status_key
 
 __all__ = [
@@ -277,15 +278,23 @@ def _subscription_id(value: Any) -> Any:
     return value
 
 
+def _contact(record: Mapping[str, Any]) -> str | None:
+    email = record.get("subscriberIdString")
+    return email.strip().lower() if isinstance(email, str) and email.strip() else None
+
+
 def _staged_input(
     email: Any, subscription_id: Any, status: Any, legal_basis: Any, explanation: Any
 ) -> dict[str, Any]:
+    status = _json_scalar(status)
     record = {
         "subscriberIdString": _json_scalar(email),
         "subscriptionId": _subscription_id(subscription_id),
-        "statusState": _json_scalar(status),
+        "statusState": status,
         "channel": "EMAIL",
     }
+    if status == UNSUBSCRIBE_ALL:
+        del record["subscriptionId"]  # an opt-out from all email names no subscription
     if legal_basis is not None:
         record["legalBasis"] = _json_scalar(legal_basis)
     if explanation is not None:
@@ -332,7 +341,7 @@ def _later_query(table: str, conn_type: str, placeholder: str, since: datetime) 
     bound: Any = since - timedelta(days=1)
     if conn_type == "sqlite":
         bound = bound.date().isoformat()
-    return f"SELECT email, subscription_id, occurred_at FROM {table} WHERE {where}", [bound]
+    return f"SELECT email, subscription_id, status, occurred_at FROM {table} WHERE {where}", [bound]
 
 
 def _open_cursor(conn: Any, conn_type: str) -> Any:
@@ -383,6 +392,13 @@ def _source_hook(source_conn_id: str) -> tuple[Any, str]:
     return hook, (connection.conn_type or "").lower()
 
 
+# A subscription event of a contact who opted out of all email at or after it (in this interval).
+_OPTED_OUT_SINCE = (
+    "(l.wide = 0 AND l.email IS NOT NULL AND EXISTS (SELECT 1 FROM latest a WHERE a.email = l.email "
+    "AND a.wide = 1 AND a.at_us >= l.at_us))"
+)
+
+
 class _LatestPerKey:
     """Keeps the latest event per status key in an on-disk SQLite scratch file.
 
@@ -396,18 +412,24 @@ class _LatestPerKey:
         self._db.executescript(
             "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; "
             "CREATE TABLE latest (key TEXT PRIMARY KEY, at_us INTEGER NOT NULL, seq INTEGER NOT NULL, "
-            "line TEXT NOT NULL, later INTEGER NOT NULL DEFAULT 0, later_us INTEGER);"
+            "line TEXT NOT NULL, later INTEGER NOT NULL DEFAULT 0, later_us INTEGER, "
+            # The contact, and whether the event is an opt-out from all email (which supersedes every
+            # subscription event of the contact at or before it).
+            "email TEXT, wide INTEGER NOT NULL DEFAULT 0);"
+            "CREATE INDEX latest_email ON latest (email, wide);"
             # Every event, so that each one superseded can be named with the event that superseded it.
             "CREATE TABLE events (key TEXT NOT NULL, seq INTEGER NOT NULL, line TEXT NOT NULL);"
         )
-        self._pending: list[tuple[str, int, int, str]] = []
+        self._pending: list[tuple[str, int, int, str, str | None, int]] = []
         self._later: list[tuple[str, int]] = []
+        self._later_wide: list[tuple[str, int]] = []
         self.added = 0
 
-    def add(self, key: str | None, moment: datetime, line: str) -> None:
+    def add(self, key: str | None, moment: datetime, line: str, email: str | None = None, wide: bool = False) -> None:
         # A row without a key is never superseded, nor supersedes: it keeps a key of its own.
         key = key if key is not None else f"\x00row {self.added}"
-        self._pending.append((key, _epoch_us(moment), self.added, line))
+        self._pending.append((key, _epoch_us(moment), self.added, line, email if key[0] != "\x00" else None,
+                              int(wide)))
         self.added += 1
         if len(self._pending) >= DEFAULT_FETCH_SIZE:
             self._flush()
@@ -418,27 +440,44 @@ class _LatestPerKey:
         if len(self._later) >= DEFAULT_FETCH_SIZE:
             self._flush()
 
+    def mark_later_opt_out_from_all(self, email: str, moment: datetime) -> None:
+        """The source has an opt-out from all email for ``email`` at ``moment``: it decides every
+        earlier event of that contact."""
+        self._later_wide.append((email, _epoch_us(moment)))
+        if len(self._later_wide) >= DEFAULT_FETCH_SIZE:
+            self._flush()
+
     def _flush(self) -> None:
         self._db.executemany(
-            "INSERT INTO latest (key, at_us, seq, line) VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
-            "at_us = excluded.at_us, seq = excluded.seq, line = excluded.line "
+            "INSERT INTO latest (key, at_us, seq, line, email, wide) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET at_us = excluded.at_us, seq = excluded.seq, line = excluded.line "
             "WHERE excluded.at_us >= latest.at_us",
             self._pending,
         )
         self._db.executemany("INSERT INTO events (key, seq, line) VALUES (?, ?, ?)",
-                             [(key, seq, line) for key, _, seq, line in self._pending])
+                             [(key, seq, line) for key, _, seq, line, _, _ in self._pending])
         self._pending.clear()
         self._db.executemany(
             "UPDATE latest SET later = 1, later_us = max(ifnull(later_us, 0), ?2) WHERE key = ?1 AND at_us < ?2",
             self._later,
         )
         self._later.clear()
+        self._db.executemany(
+            "UPDATE latest SET later = 1, later_us = max(ifnull(later_us, 0), ?2) WHERE email = ?1 AND at_us < ?2",
+            self._later_wide,
+        )
+        self._later_wide.clear()
 
     def write_lines(self, handle: IO[str]) -> int:
         """Write the kept events, one line each, in the order they were read; return how many."""
         self._flush()
         written = 0
-        for (line,) in self._db.execute("SELECT line FROM latest WHERE later = 0 ORDER BY seq"):
+        # Opt-outs from all email first: a subscription event kept for the same contact is later than
+        # the opt-out, so it must land after it.
+        rows = self._db.execute(
+            f"SELECT line FROM latest l WHERE later = 0 AND NOT {_OPTED_OUT_SINCE} ORDER BY wide DESC, seq"
+        )
+        for (line,) in rows:
             handle.write(line + "\n")
             written += 1
         return written
@@ -451,12 +490,18 @@ class _LatestPerKey:
         """
         self._flush()
         rows = self._db.execute(
-            "SELECT e.line, l.at_us, l.later_us FROM events e JOIN latest l ON l.key = e.key "
-            "WHERE e.seq != l.seq OR l.later = 1 ORDER BY e.seq"
+            "SELECT e.line, l.at_us, l.later_us, "
+            f"(SELECT max(a.at_us) FROM latest a WHERE a.email = l.email AND a.wide = 1 AND a.at_us >= l.at_us "
+            "AND l.wide = 0) "
+            "FROM events e JOIN latest l ON l.key = e.key "
+            f"WHERE e.seq != l.seq OR l.later = 1 OR {_OPTED_OUT_SINCE} ORDER BY e.seq"
         )
-        for line, winner_us, later_us in rows:
+        for line, winner_us, later_us, opted_out_us in rows:
             staged = json.loads(line)
-            if later_us is not None:
+            if opted_out_us is not None and later_us is None:
+                at = _iso_z(_EPOCH + timedelta(microseconds=opted_out_us))
+                why = f"superseded by the contact's opt-out from all email at {at} in this interval"
+            elif later_us is not None:
                 at = _iso_z(_EPOCH + timedelta(microseconds=later_us))
                 why = f"superseded by an event of the same key at {at}, after this run's interval; that event's run writes it"
             else:
@@ -476,12 +521,17 @@ class _LatestPerKey:
         """Stream the source's events from ``since`` on and mark every key they overtake."""
         sql, parameters = _later_query(table, conn_type, placeholder, since)
         rows = _iter_source_rows(hook, conn_type, sql, parameters, fetch_size)
-        for email, subscription_id, occurred_at in rows:
+        for email, subscription_id, status, occurred_at in rows:
             moment = parse_occurred_at(occurred_at)
-            key = status_key({"subscriberIdString": _json_scalar(email),
-                               "subscriptionId": _subscription_id(subscription_id)})
-            if moment is not None and moment >= since and key is not None:
-                self.mark_later(key, moment)
+            if moment is None or moment < since:
+                continue
+            record = _staged_input(email, subscription_id, status, None, None)
+            key = status_key(record)
+            if key is None:
+                continue
+            self.mark_later(key, moment)
+            if record["statusState"] == UNSUBSCRIBE_ALL:
+                self.mark_later_opt_out_from_all(_contact(record), moment)
 
     def superseded_later(self) -> int:
         self._flush()
@@ -599,7 +649,8 @@ def extract_consent_events(
                         ))
                         return
                     line = dumps({"input": record, "occurredAt": _iso_z(moment)})
-                    latest.add(status_key(record), moment, line)
+                    latest.add(status_key(record), moment, line, _contact(record),
+                               record["statusState"] == UNSUBSCRIBE_ALL)
 
                 for row in _iter_source_rows(hook, conn_type, sql, parameters, fetch_size):
                     take(row)
@@ -651,7 +702,8 @@ def extract_consent_events(
 def validate_staged_events(
     run_uri: str | ObjectStoragePath, *, require_legal_basis: bool = False
 ) -> dict[str, Any]:
-    """Check each staged event against :class:`~hubspot_provider.models.PublicStatusRequest`.
+    """Check each staged event with :func:`~hubspot_provider.models.validate_consent_input` (the one
+    validation: a subscription status, or ``UNSUBSCRIBE_ALL``, an opt-out from all email).
 
     Valid events go to ``<run_uri>/validated/statuses.jsonl`` in wire form; invalid ones to
     ``<run_uri>/dead-letters/part-validate.jsonl`` with category ``INVALID_INPUT`` and the reason.
@@ -667,7 +719,6 @@ def validate_staged_events(
     staged_file = run / STAGED_FOLDER / STAGED_FILE
     validated = run / VALIDATED_FOLDER
     dead_letters = run / DEAD_LETTER_FOLDER
-    context = {"require_legal_basis": require_legal_basis}
     _clear_folder(validated)
     valid = 0
     with (
@@ -689,7 +740,7 @@ def validate_staged_events(
             value = staged.get("input") if isinstance(staged, dict) else None
             occurred_at = staged.get("occurredAt") if isinstance(staged, dict) else None
             try:
-                request = PublicStatusRequest.model_validate(value, context=context)
+                request = validate_consent_input(value, require_legal_basis=require_legal_basis)
             except ValidationError as exc:
                 bad.write(_dead_letter(value, describe_validation_error(exc), occurred_at))
                 continue
@@ -811,6 +862,13 @@ def run_totals(
         "unchanged": report.reasons.get("NO_STATUS_CHANGE", 0),
         "failed": failed,
         "failed_by_category": dict(sorted(report.failed_by_category.items())),
+        "withheld": report.withheld,
+        "withheld_by_category": dict(sorted(report.withheld_by_category.items())),
+        "hubspot_changes": submitted.get("hubspot_changes"),
+        "reads": report.reads,
+        "dry_run": bool(submitted.get("dry_run")),
+        "plan": submitted.get("plan"),
+        "plan_uri": submitted.get("plan_uri"),
         "dead_letters": (dead_letters or {}).get("total", failed),
         "dead_letter_uri": (dead_letters or {}).get("dead_letter_uri") or validated.get("dead_letter_uri"),
         "run_uri": extracted.get("run_uri"),
@@ -843,6 +901,13 @@ def _describe(totals: Mapping[str, Any]) -> str:
         f"{totals['superseded_later']} left to later events): {totals['succeeded']} written "
         f"({totals['changed']} changed, {totals['unchanged']} unchanged), {failed}"
     )
+    if totals.get("withheld"):
+        text += (f", {totals['withheld']} withheld because a newer change made in HubSpot wins "
+                 f"({categories_in_words(totals.get('withheld_by_category'))})")
+    if totals.get("dry_run"):
+        text = (f"DRY RUN, nothing written: {totals['events_in_interval']} events in "
+                f"[{totals['data_interval_start']}, {totals['data_interval_end']}) -> {totals['inputs']} statuses; "
+                f"plan: {plan_in_words(totals.get('plan') or {})}, {failed}")
     if totals.get("unplaceable"):
         text += f"; {totals['unplaceable']} unplaceable rows of the source (no interval) in {totals['unplaceable_uri']}"
     return text

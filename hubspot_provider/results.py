@@ -167,6 +167,13 @@ def categories_in_words(by_category: dict[str, int] | None) -> str:
     return ", ".join(f"{name} {count:,}" for name, count in sorted((by_category or {}).items()))
 
 
+def plan_in_words(plan: dict[str, Any]) -> str:
+    """``1,204 would change: 880 SUBSCRIBED→UNSUBSCRIBED, …; 9,310 already so; 12 withheld``."""
+    transitions = ", ".join(f"{count:,} {label}" for label, count in (plan.get("transitions") or {}).items())
+    return (f"{plan.get('change', 0):,} would change{f': {transitions}' if transitions else ''}; "
+            f"{plan.get('no-op', 0):,} already so; {plan.get('withhold', 0):,} withheld")
+
+
 def failure_ratio_exceeded(
     failed: int, total: int, max_failed_ratio: float | None, *, what: str, by_category: dict[str, int] | None,
     where: str | None, fix: str,

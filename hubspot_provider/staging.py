@@ -97,6 +97,8 @@ def status_key(record: Mapping[str, Any]) -> str | None:
     email, subscription_id = record.get("subscriberIdString"), record.get("subscriptionId")
     if not isinstance(email, str) or not email.strip() or "\ufffd" in email:
         return None
+    if record.get("statusState") == "UNSUBSCRIBE_ALL":  # the contact's opt-out from all email
+        return f"{email.strip().lower()}\x1f*\x1fEMAIL"
     if not isinstance(subscription_id, int) or isinstance(subscription_id, bool):
         return None
     return f"{email.strip().lower()}\x1f{subscription_id}\x1fEMAIL"

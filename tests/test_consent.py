@@ -207,9 +207,42 @@ def test_keys_the_source_changed_after_the_interval_are_left_to_their_later_even
     assert (everything["superseded_later"], everything["staged"]) == (0, 8)
 
 
+def test_an_opt_out_from_all_email_is_staged_first_and_supersedes_the_contacts_earlier_events(source, run):
+    rows = [
+        event("ada@example.com", "2026-03-10 09:00:00", "SUBSCRIBED", 1001),
+        event("ada@example.com", "2026-03-10 12:00:00", "UNSUBSCRIBE_ALL", None),  # NULL subscription_id
+        event("ADA@example.com", "2026-03-10 12:00:00", "SUBSCRIBED", 1003),   # same instant: the opt-out wins
+        event("ada@example.com", "2026-03-10 15:00:00", "SUBSCRIBED", 1002),   # later: kept, after the opt-out
+        event("bob@example.com", "2026-03-10 08:00:00", "UNSUBSCRIBE_ALL", 1001),  # an id is ignored
+        event("bob@example.com", "2026-03-10 10:00:00", "UNSUBSCRIBE_ALL", None),  # the later one is kept
+        event("cy@example.com", "2026-03-10 10:00:00", "SUBSCRIBED", 1001),
+        event("cy@example.com", "2026-03-12 10:00:00", "UNSUBSCRIBE_ALL", None),  # after the interval
+    ]
+    source(rows)
+    counts = extract(run)
+    lines = [(e["input"]["subscriberIdString"], e["input"]["statusState"], e["input"].get("subscriptionId"))
+             for e in staged(run)]
+    assert lines == [
+        ("ada@example.com", "UNSUBSCRIBE_ALL", None),
+        ("bob@example.com", "UNSUBSCRIBE_ALL", None),
+        ("ada@example.com", "SUBSCRIBED", 1002),
+    ]
+    assert (counts["in_interval"], counts["staged"], counts["superseded"], counts["superseded_later"]) == (7, 3, 3, 1)
+    named = {(e["input"]["subscriberIdString"], e["input"].get("subscriptionId")): e["message"]
+             for e in read_jsonl(run / "superseded" / "part-extract.jsonl")}
+    assert "opt-out from all email at 2026-03-10T12:00:00Z" in named[("ada@example.com", 1001)]
+    assert "opt-out from all email" in named[("ADA@example.com", 1003)]
+    assert "later event of the same key at 2026-03-10T10:00:00Z" in named[("bob@example.com", None)]
+    assert "after this run's interval" in named[("cy@example.com", 1001)]
+    # The validate step checks both kinds with the one validation.
+    checked = consent.validate_staged_events(run.as_uri())
+    assert (checked["valid"], checked["invalid"]) == (3, 0)
+
+
 def test_the_later_event_check_is_a_second_streamed_query():
     sql, parameters = consent._later_query("crm.consent_events", "postgres", "%s", END)
-    assert sql == "SELECT email, subscription_id, occurred_at FROM crm.consent_events WHERE occurred_at >= %s"
+    assert sql == (
+        "SELECT email, subscription_id, status, occurred_at FROM crm.consent_events WHERE occurred_at >= %s")
     assert parameters == [END - timedelta(days=1)]
     sql, parameters = consent._later_query("consent_events", "sqlite", "?", END)
     assert sql.endswith("WHERE occurred_at >= ?") and parameters == ["2026-03-10"]

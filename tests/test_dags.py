@@ -85,6 +85,8 @@ def test_consent_sync_shape(sync_dag):
         "max_unplaceable_rows": 100,
         "audit_conn_id": None,
         "audit_table": "hubspot_consent_ledger",
+        "hubspot_changes": "respect_opt_outs",
+        "dry_run": False,
         "later_events_win": True,
     }
     from airflow.sdk.exceptions import ParamValidationError
@@ -218,7 +220,8 @@ def run_dag(
     # dag.test() writes run_conf into the (module-shared) DAG's params, so a param one test sets would
     # leak into the next test's runs: every run states the params the tests vary.
     if dag.dag_id == "hubspot_consent_sync":
-        conf = {"audit_conn_id": None, "max_unplaceable_rows": 100, "batch_size": 100, **conf}
+        conf = {"audit_conn_id": None, "max_unplaceable_rows": 100, "batch_size": 100,
+                "hubspot_changes": "respect_opt_outs", "dry_run": False, **conf}
     dr = dag.test(logical_date=logical_date, run_after=run_after, run_conf=conf)
     return dr, {ti.task_id: str(ti.state) for ti in dr.get_task_instances()}
 
@@ -296,6 +299,115 @@ def test_clean_day_takes_the_report_branch(
     summary = json.loads((run_files(storage, dr) / "summary.json").read_text())
     assert (summary["rows_read"], summary["inputs"], summary["submitted"], summary["failed"]) == (0, 0, 0, 0)
     assert len(emulator.requests) == requests_before
+
+
+def test_consent_changed_inside_hubspot_is_respected_and_a_dry_run_plans_what_the_run_does(
+    airflow_db, sync_dag, hubspot_emulator_factory, hubspot_conn, consent_source, storage, tmp_path, monkeypatch
+):
+    import sqlite3
+
+    from hubspot_provider.ledger import LEDGER_DDL
+    from hubspot_provider.operators.hubspot import HubSpotWriteStatusesOperator
+    from hubspot_provider.testing.emulator import SOURCE_PUBLIC_API
+
+    emulator = hubspot_emulator_factory()
+    hubspot_conn(emulator)
+    audit_db = tmp_path / "audit.db"
+    with sqlite3.connect(audit_db) as db:
+        db.execute(LEDGER_DDL)
+    monkeypatch.setenv("AIRFLOW_CONN_AUDIT_DB", json.dumps({"conn_type": "sqlite", "host": str(audit_db)}))
+
+    def hour(h: int) -> str:
+        return (DAY + timedelta(hours=h)).strftime("%Y-%m-%d %H:%M:%S")
+
+    # Before the run, in HubSpot: a footer opt-out at 20:00 (after the contact's 10:00 opt-in at the
+    # source) and one at 08:00 (before it); an opt-out from all email at 20:00; another integration's
+    # opt-out through the public API. And this provider's own opt-out, written "at 02:00" (now), of a
+    # contact whose opt-in happened at 01:00 and arrives late.
+    emulator.footer_unsubscribe("late@example.com", 1001, at=DAY + timedelta(hours=20))
+    emulator.footer_unsubscribe("early@example.com", 1001, at=DAY + timedelta(hours=8))
+    emulator.unsubscribe_all_in_hubspot("wide@example.com", at=DAY + timedelta(hours=20))
+    emulator.hubspot_side_change("other@example.com", 1001, "UNSUBSCRIBED", source=SOURCE_PUBLIC_API)
+    HubSpotWriteStatusesOperator(
+        task_id="earlier_sync", inputs=[{"subscriberIdString": "own@example.com", "subscriptionId": 1001,
+                                         "statusState": "UNSUBSCRIBED"}],
+        audit_conn_id="audit_db", ledger=True, ledger_uri=(tmp_path / "earlier").as_uri(),
+    ).execute(context={"run_id": "earlier"})
+    rows = [
+        ("late@example.com", 1001, "SUBSCRIBED", None, None, hour(10)),
+        ("early@example.com", 1001, "SUBSCRIBED", None, None, hour(10)),
+        ("own@example.com", 1001, "SUBSCRIBED", None, None, hour(1)),
+        ("wide@example.com", 1002, "SUBSCRIBED", None, None, hour(10)),
+        ("other@example.com", 1001, "SUBSCRIBED", None, None, hour(10)),
+        # A global opt-out: its subscription_id is NULL. The contact's earlier opt-in is superseded by it,
+        # the later one lands after it.
+        ("all@example.com", 1002, "SUBSCRIBED", None, None, hour(9)),
+        ("all@example.com", None, "UNSUBSCRIBE_ALL", None, None, hour(12)),
+        ("all@example.com", 1003, "SUBSCRIBED", None, None, hour(15)),
+    ]
+    consent_source(rows)
+    conf = {"storage_uri": storage.as_uri(), "audit_conn_id": "audit_db"}
+    before = {key: dict(value) for key, value in emulator.statuses.items()}
+    writes_before = emulator.writes_applied
+
+    dr, states = run_dag(sync_dag, {**conf, "dry_run": True})
+    assert states == CLEAN
+    assert emulator.statuses == before and emulator.writes_applied == writes_before
+    folder = run_files(storage, dr)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["dry_run"] is True and summary["plan"]["withhold"] == 3 and summary["plan"]["change"] == 4
+    plan = {(r["input"]["subscriberIdString"], r["input"].get("subscriptionId")): r["action"]
+            for r in letters(folder / "plan")}
+    assert not (folder / "audit").exists()
+
+    dr, states = run_dag(sync_dag, conf)
+    assert states == CLEAN  # withheld writes are decisions, not failures
+    folder = run_files(storage, dr)
+    summary = json.loads((folder / "summary.json").read_text())
+    state = hubspot_state(emulator)
+    assert state[("late@example.com", 1001, "EMAIL")] == "UNSUBSCRIBED"  # the 20:00 footer opt-out stays
+    assert state[("early@example.com", 1001, "EMAIL")] == "SUBSCRIBED"  # the 08:00 one is overwritten
+    assert state[("own@example.com", 1001, "EMAIL")] == "SUBSCRIBED"  # the own 02:00 write does not block
+    assert state[("wide@example.com", 1002, "EMAIL")] == "UNSUBSCRIBED"
+    assert state[("other@example.com", 1001, "EMAIL")] == "UNSUBSCRIBED"  # not in the ledger: not ours
+    assert emulator.wide_status_of("all@example.com")["status"] == "UNSUBSCRIBED"
+    assert state[("all@example.com", 1002, "EMAIL")] == "UNSUBSCRIBED"
+    assert state[("all@example.com", 1003, "EMAIL")] == "SUBSCRIBED"
+    assert (summary["withheld"], summary["failed"]) == (3, 0)
+    assert summary["withheld_by_category"] == {"NEWER_OPT_OUT_IN_HUBSPOT": 3} and summary["superseded"] == 1
+    withheld = {(r["input"]["subscriberIdString"]) for r in letters(folder / "dead-letters")}
+    assert withheld == {"late@example.com", "wide@example.com", "other@example.com"}
+    superseded = letters(folder / "superseded")
+    assert [r["input"]["subscriptionId"] for r in superseded] == [1002]
+    assert "opt-out from all email at 2026-03-10T12:00:00Z" in superseded[0]["message"]
+    # The plan was what the run did.
+    ledger = letters(folder / "audit")
+    done = {(r["subscriberIdString"], r["subscriptionId"]): r["outcome"] for r in ledger}
+    assert {key: {"withhold": "WITHHELD", "change": "SUCCEEDED"}[action] for key, action in plan.items()} == done
+    writes = [r.path.rsplit("/", 1)[-1] for r in emulator.requests if not r.path.endswith("/read")]
+    assert writes[-2:] == ["unsubscribe-all", "write"]  # the opt-out from all email went first
+
+    # source_wins overwrites HubSpot, reading nothing.
+    reads_before = sum(r.path.endswith("/read") for r in emulator.requests)
+    dr, states = run_dag(sync_dag, {**conf, "hubspot_changes": "source_wins"})
+    assert states == CLEAN
+    assert hubspot_state(emulator)[("late@example.com", 1001, "EMAIL")] == "SUBSCRIBED"
+    assert sum(r.path.endswith("/read") for r in emulator.requests) == reads_before
+
+
+def test_respect_all_keeps_a_newer_subscribe_made_in_hubspot(
+    airflow_db, sync_dag, hubspot_emulator_factory, hubspot_conn, consent_source, storage
+):
+    emulator = hubspot_emulator_factory()
+    hubspot_conn(emulator)
+    emulator.preferences_page("pref@example.com", 1001, "SUBSCRIBED", at=DAY + timedelta(hours=20))
+    consent_source([("pref@example.com", 1001, "NOT_SPECIFIED", None, None,
+                     (DAY + timedelta(hours=10)).strftime("%Y-%m-%d %H:%M:%S"))])
+    dr, states = run_dag(sync_dag, {"storage_uri": storage.as_uri(), "hubspot_changes": "respect_all"})
+    assert states == CLEAN
+    summary = json.loads((run_files(storage, dr) / "summary.json").read_text())
+    assert summary["withheld_by_category"] == {"NEWER_CHANGE_IN_HUBSPOT": 1}
+    assert hubspot_state(emulator)[("pref@example.com", 1001, "EMAIL")] == "SUBSCRIBED"
 
 
 def test_bad_rows_take_the_summarise_branch_and_a_rerun_is_a_harmless_replay(

@@ -50,7 +50,14 @@ from hubspot_provider.hooks._guard import (
 from hubspot_provider.hooks._transport import Stats
 from hubspot_provider.ledger import LedgerRecord, SqlLedger, as_text, ledger_record, withheld_record
 from hubspot_provider.models import UNSUBSCRIBE_ALL, describe_validation_error, validate_consent_input
-from hubspot_provider.results import INVALID_INPUT, InputOutcome, WriteReport, categories_in_words, failure_ratio_exceeded
+from hubspot_provider.results import (
+    INVALID_INPUT,
+    InputOutcome,
+    WriteReport,
+    categories_in_words,
+    failure_ratio_exceeded,
+    plan_in_words,
+)
 from hubspot_provider.staging import (
     camel_keys,
     dead_letter,
@@ -924,9 +931,9 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         idempotent, dead-letter parts are rewritten) with a warning, never skipping a line. A dry run
         neither reads nor writes checkpoints: the real run after it must start from the first line.
         """
+        self._done_hash = hashlib.sha256()
         if self._dry_run:
             return None, segment_size
-        self._done_hash = hashlib.sha256()
         if not staged.checkpoint.exists():
             return None, segment_size
         problem = None
@@ -1034,13 +1041,6 @@ def _summary_lines(summary: dict[str, Any]) -> str:
         f"{summary['records_per_s']:,.0f} statuses/s over {summary['elapsed_s']:.1f} s"
     )
     return "\n".join(lines)
-
-
-def plan_in_words(plan: dict[str, Any]) -> str:
-    """``1,204 would change: 880 SUBSCRIBED→UNSUBSCRIBED, …; 9,310 already so; 12 withheld``."""
-    transitions = ", ".join(f"{count:,} {label}" for label, count in (plan.get("transitions") or {}).items())
-    return (f"{plan.get(CHANGE, 0):,} would change{f': {transitions}' if transitions else ''}; "
-            f"{plan.get(NO_OP, 0):,} already so; {plan.get(WITHHOLD, 0):,} withheld")
 
 
 def _same(a: ObjectStoragePath, b: ObjectStoragePath) -> bool:
