@@ -69,7 +69,8 @@ def test_extract_validate_write_defer_and_replay_on_a_non_local_store(
 
     # The daily limit stops the write after two requests; the checkpoint is saved in the bucket.
     params = dict(task_id="submit", input_uri=validated["validated_uri"],
-                  dead_letter_uri=validated["dead_letter_uri"], batch_size=5, segment_size=5, deferrable=True)
+                  dead_letter_uri=validated["dead_letter_uri"], batch_size=5, segment_size=5, deferrable=True,
+                  hubspot_changes="source_wins")  # the daily limit of 2 requests counts writes only
     with pytest.raises(TaskDeferred) as caught:
         HubSpotWriteStatusesOperator(**params).execute(context={})
     checkpoint = ObjectStoragePath(validated["validated_uri"]) / "_checkpoint.json"

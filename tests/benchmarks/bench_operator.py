@@ -103,6 +103,47 @@ def ledger_cost(n: int, batch_size: int, repeats: int, rate_limit_max: int = 100
             "ledger_us_per_record": round(1e6 * (on - off) / n, 1)}
 
 
+def guard_cost(n: int, batch_size: int, repeats: int, rate_limit_max: int = 50) -> dict:
+    """The ``hubspot_changes`` guard's cost under HubSpot-like pacing: extra requests per 1,000
+    statuses and throughput against the ceiling (``rate_limit_max`` requests/s × ``batch_size``), with
+    the guard off (``source_wins``) and on (``respect_opt_outs``). Two thirds of the staged statuses
+    could (re)subscribe (SUBSCRIBED, NOT_SPECIFIED), so they are read first."""
+    from hubspot_provider.operators.hubspot import HubSpotWriteStatusesOperator
+
+    ceiling = rate_limit_max * batch_size
+    emulator = Emulator(rate_limit_max=rate_limit_max, rate_limit_interval_ms=1000)
+    runs: dict[str, list[dict]] = {"source_wins": [], "respect_opt_outs": []}
+    try:
+        emulator.connection("hubspot_bench")
+        with tempfile.TemporaryDirectory() as folder:
+            staged = Path(folder) / "statuses.jsonl"
+            stage(staged, n)
+            for _ in range(repeats):
+                for policy in runs:
+                    op = HubSpotWriteStatusesOperator(
+                        task_id="bench", input_uri=staged.as_uri(), hubspot_conn_id="hubspot_bench",
+                        batch_size=batch_size, max_failed_ratio=1.0, ledger=False, hubspot_changes=policy,
+                    )
+                    wall0 = time.perf_counter()
+                    summary = op.execute(context={})
+                    wall = time.perf_counter() - wall0
+                    runs[policy].append({"wall": wall, "requests": summary["requests"], "reads": summary["reads"],
+                                         "submitted": summary["submitted"]})
+    finally:
+        emulator.close()
+    out: dict = {"records": n, "repeats": repeats, "rate_limit_per_s": rate_limit_max, "ceiling_records_per_s": ceiling}
+    for policy, done in runs.items():
+        median = sorted(done, key=lambda r: r["wall"])[len(done) // 2]
+        out[policy] = {
+            "median_wall_s": round(median["wall"], 2),
+            "records_per_s": round(median["submitted"] / median["wall"]),
+            "pct_of_ceiling": round(100 * median["submitted"] / median["wall"] / ceiling, 1),
+            "write_requests": median["requests"], "read_requests": median["reads"],
+            "read_requests_per_1000_statuses": round(1000 * median["reads"] / median["submitted"], 1),
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="10000,100000", help="comma-separated record counts")
@@ -117,6 +158,7 @@ def main() -> None:
         "ledger_cost_cpu_bound": ledger_cost(args.ledger_records, args.batch_size, args.repeats),
         "ledger_cost_rate_limited": ledger_cost(args.ledger_records // 2, args.batch_size, args.repeats,
                                                 rate_limit_max=50),
+        "hubspot_changes_guard": guard_cost(args.ledger_records // 2, args.batch_size, args.repeats),
     }, indent=2))
 
 
