@@ -146,10 +146,14 @@ def _print_summary(summary: dict, source_events: int) -> None:
         ("Written to HubSpot", f"{summary['succeeded']}: {summary['changed']} changed, "
                                f"{summary['unchanged']} already in that state"),
         ("Failed", f"{summary['failed']} ({categories})" if categories else "none"),
+        ("Withheld", f"{summary['withheld']}: a newer change made in HubSpot wins ({summary.get('hubspot_changes')})"
+                     if summary.get("withheld") else f"none ({summary.get('hubspot_changes')}: no newer opt-out "
+                     "made in HubSpot)"),
         ("Dead letters", f"{dead} in {_relative(summary.get('dead_letter_uri'))}" if dead else "none"),
         ("Ledger", f"{summary.get('ledger_records', 0)} audit records (one per status sent, with HubSpot's "
                    f"answer) in {_relative(summary.get('ledger_uri'))}"),
-        ("HubSpot traffic", f"{summary['requests']} requests, {summary['retries']} retried, "
+        ("HubSpot traffic", f"{summary['requests']} write requests, {summary.get('reads', 0)} reads of current "
+                            f"statuses, {summary['retries']} retried, "
                             f"{summary['rate_limited']} rate-limited; "
                             f"{summary['records_per_s']:.0f} records/s"),
         ("Outcome branch", branch),

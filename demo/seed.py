@@ -83,6 +83,9 @@ def generate(day: date, contacts: int = 1500, seed: int = 42) -> list[tuple]:
                 # Exports differ in the case of the email; the key is case-insensitive.
                 shown = email.upper() if rng.random() < 0.05 else email
                 rows.append((shown, subscription_id, status, basis, EXPLANATIONS.get(basis), occurred_at))
+        if rng.random() < 0.01:  # a contact who asks for no email at all: no subscription named
+            moment = start + timedelta(seconds=rng.randrange(86_400))
+            rows.append((email, None, "UNSUBSCRIBE_ALL", None, None, _timestamp_text(moment, 0)))
     rng.shuffle(rows)
     return rows
 

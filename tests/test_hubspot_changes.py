@@ -233,6 +233,19 @@ def test_an_opt_out_from_all_email_lands_on_the_unsubscribe_all_endpoint(emulato
     assert ledger["SUBSCRIBED"]["outcome"] == "SUCCEEDED"
 
 
+@pytest.mark.parametrize("how", ["later segment of the same run", "later run, no SQL ledger"])
+def test_this_providers_own_opt_out_from_all_never_blocks_the_contacts_later_opt_in(emulator, conn, tmp_path, how):
+    opt_out = event("all@example.com", "UNSUBSCRIBE_ALL", 12, subscription_id=None)
+    opt_in = event("all@example.com", "SUBSCRIBED", 15, subscription_id=1002)  # after the opt-out, before "now"
+    if how == "later segment of the same run":
+        summary = run([opt_out, opt_in], tmp_path, segment_size=1)
+    else:
+        run([opt_out], tmp_path / "first")
+        summary = run([opt_in], tmp_path)
+    assert summary["withheld"] == 0 and summary["reads"] > 0
+    assert emulator.status_of("all@example.com", 1002)["status"] == "SUBSCRIBED"
+
+
 def test_a_resubscribe_over_an_opt_out_from_all_made_in_hubspot_is_withheld(emulator, conn, tmp_path):
     emulator.unsubscribe_all_in_hubspot("wide@example.com", at=at(20))
     summary = run([event("wide@example.com", "SUBSCRIBED", 10, subscription_id=1002)], tmp_path)

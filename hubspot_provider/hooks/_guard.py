@@ -14,9 +14,12 @@ provider:
 * a SQL ledger is configured and holds no write of this provider that explains it (same key, same
   status, same HubSpot ``timestamp``, and the write changed the status).
 
+An opt-out from all email carries no ``source``. It is this provider's own when this run wrote it,
+when the SQL ledger explains it, or (without a SQL ledger) when HubSpot stamped one of the contact's
+subscriptions at the same instant with this provider's source.
+
 Without a SQL ledger, other integrations writing through the same public API share this
-provider's source and count as its own; a portal-wide opt-out (which carries no source) counts as
-HubSpot-side unless the SQL ledger explains it.
+provider's source and count as its own.
 
 Policies:
 
@@ -140,13 +143,17 @@ class OwnWrites:
     def __init__(self, sources: Iterable[str] | None = None, ledger: Any = None) -> None:
         self.sources = set(sources) if sources is not None else {API_SOURCE}
         self.ledger = ledger
+        self.opted_out_of_all: set[str] = set()
 
-    def learn(self, status: Any) -> None:
-        """Remember the ``source`` of a confirmed write that changed a status."""
+    def learn(self, status: Any, wire: Mapping[str, Any] | None = None) -> None:
+        """Remember the ``source`` of a confirmed write that changed a status, and the contacts this
+        provider opted out of all email."""
         reason = _wire(getattr(status, "set_status_success_reason", None))
         source = getattr(status, "source", None)
         if source and reason not in (None, "NO_STATUS_CHANGE"):
             self.sources.add(source)
+        if wire is not None and wire.get("statusState") == UNSUBSCRIBE_ALL:
+            self.opted_out_of_all.add(str(wire.get("subscriberIdString", "")).lower())
 
     def explained(self, candidates: list[tuple[str, int | None, str, str]]) -> set[tuple[str, int | None, str, str]]:
         """Of ``(email, subscription id or None, status, timestamp)``, those a ledger write explains."""

@@ -634,9 +634,19 @@ class HubSpotHook(BaseHook):
                 current_sub = Current(_enum_value(sub.status), _as_datetime(sub.timestamp), sub.source,
                                       hubspot_side=not own_write)
             if wide is not None:
-                key = (str(wide.subscriber_id_string or "").lower(), None, "UNSUBSCRIBED", _iso_text(wide.timestamp))
+                email = str(wide.subscriber_id_string or "").lower()
+                stamp = _iso_text(wide.timestamp)
+                if email in own.opted_out_of_all:
+                    own_wide = True  # this run's own opt-out from all email
+                elif explained is not None:
+                    own_wide = (email, None, "UNSUBSCRIBED", stamp) in explained
+                else:
+                    # An opt-out from all email carries no source; HubSpot stamps the contact's
+                    # subscriptions with it. Stamped the same instant by this provider's source: its own.
+                    own_wide = any(s.source in own.sources and _iso_text(s.timestamp) == stamp
+                                   for s in statuses.get(email, {}).values())
                 current_wide = Current("UNSUBSCRIBED", _as_datetime(wide.timestamp), None,
-                                       hubspot_side=explained is None or key not in explained, wide=True)
+                                       hubspot_side=not own_wide, wide=True)
             verdicts.append(decide(wire, occurred_at, current_sub, current_wide, policy))
         return verdicts
 

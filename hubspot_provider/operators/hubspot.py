@@ -684,7 +684,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             def record_outcome(outcome: InputOutcome) -> None:
                 position = positions[outcome.index]
                 if outcome.result is not None:
-                    self._own.learn(outcome.result)
+                    self._own.learn(outcome.result, outcome.input)
                 if keep_ledger:
                     audit[position] = ledger_record(
                         outcome, occurred_at=entries[position][0].occurred_at, **context
