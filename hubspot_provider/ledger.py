@@ -203,7 +203,9 @@ class SqlLedger:
         """Insert ``records`` (one transaction per call); returns how many."""
         rows = [msgspec.structs.astuple(record) for record in records]
         if rows:
-            self.hook.insert_rows(self.table, rows, target_fields=list(LEDGER_COLUMNS), commit_every=0)
+            # One transaction for the part. (commit_every=0 inserts nothing at all on hooks that use
+            # executemany, PostgreSQL's among them: they insert in chunks of commit_every rows.)
+            self.hook.insert_rows(self.table, rows, target_fields=list(LEDGER_COLUMNS), commit_every=len(rows))
         return len(rows)
 
     def explains(

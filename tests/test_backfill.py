@@ -12,14 +12,15 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import DBAPIError
 from consent_days import changes_over_days, latest_of_all_days, write_consent_table
 
 from hubspot_provider import consent
@@ -38,10 +39,13 @@ def free_port() -> int:
 class Airflow:
     """One Airflow home with its services started as subprocesses; the CLI and the metadata DB."""
 
-    def __init__(self, home: Path, env: dict[str, str]) -> None:
+    def __init__(self, home: Path, env: dict[str, str], metadata_url: str) -> None:
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
         self.home = home
         self.env = env
-        self.db = home / "airflow.db"
+        self.engine = create_engine(metadata_url, poolclass=NullPool)  # no connection held between checks
         self.services: list[subprocess.Popen] = []
 
     def cli(self, *args: str) -> str:
@@ -76,9 +80,11 @@ class Airflow:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
 
-    def query(self, sql: str, *parameters: object) -> list[tuple]:
-        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30) as conn:
-            return conn.execute(sql, parameters).fetchall()
+    def query(self, sql: str, **parameters: object) -> list[tuple]:
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(text(sql), parameters)]
 
     def wait_for(self, what: str, check, timeout_s: float = WAIT_S):
         deadline = time.monotonic() + timeout_s
@@ -87,7 +93,7 @@ class Airflow:
                 assert process.poll() is None, f"an Airflow service exited; see the logs in {self.home}"
             try:
                 value = check()
-            except sqlite3.OperationalError:  # the DB is busy, or a table is not there yet
+            except DBAPIError:  # the DB is busy, or a table is not there yet
                 value = None
             if value:
                 return value
@@ -95,9 +101,9 @@ class Airflow:
         raise AssertionError(f"timed out waiting for {what}; see the logs in {self.home}")
 
     def backfill_runs(self) -> dict[str, str]:
-        rows = self.query("SELECT logical_date, state FROM dag_run WHERE dag_id = ? AND run_type = 'backfill'",
-                          "hubspot_consent_sync")
-        return {logical_date[:10]: state for logical_date, state in rows}
+        rows = self.query("SELECT logical_date, state FROM dag_run WHERE dag_id = :dag AND run_type = 'backfill'",
+                          dag="hubspot_consent_sync")
+        return {str(logical_date)[:10]: state for logical_date, state in rows}
 
     def finished_backfill(self, count: int):
         """The backfill's runs by day once all ``count`` have ended and the scheduler closed the backfill.
@@ -107,13 +113,39 @@ class Airflow:
         runs = self.backfill_runs()
         done = len(runs) == count and all(state in ("success", "failed") for state in runs.values())
         open_backfills = self.query(
-            "SELECT count(*) FROM backfill WHERE dag_id = ? AND completed_at IS NULL", "hubspot_consent_sync"
+            "SELECT count(*) FROM backfill WHERE dag_id = :dag AND completed_at IS NULL", dag="hubspot_consent_sync"
         )
         return runs if done and open_backfills == [(0,)] else None
 
 
 @pytest.fixture
-def airflow(tmp_path, hubspot_emulator_factory):
+def metadata_db(request, tmp_path):
+    """The metadata DB's URL: embedded SQLite, or a fresh database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'airflow' / 'airflow.db'}?timeout=60"
+        return
+    import psycopg2
+
+    from test_real_databases import PG, unavailable
+
+    try:
+        admin = psycopg2.connect(connect_timeout=3, **PG)
+    except psycopg2.OperationalError as exc:
+        unavailable(f"PostgreSQL at {PG['host']}:{PG['port']}", exc)
+    admin.autocommit = True
+    name = f"airflow_{uuid.uuid4().hex[:10]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+@pytest.fixture
+def airflow(tmp_path, hubspot_emulator_factory, metadata_db):
     home = tmp_path / "airflow"
     home.mkdir()
     source = tmp_path / "consent.db"
@@ -125,8 +157,8 @@ def airflow(tmp_path, hubspot_emulator_factory):
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": "4",
-        # SQLite takes one writer at a time; wait for the lock rather than fail after 5 s.
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}?timeout=60",
+        # SQLite takes one writer at a time; its URL says to wait for the lock rather than fail after 5 s.
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_db,
         # Only the backfill's runs: no scheduled run of today competing for the one SQLite writer.
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
@@ -136,7 +168,7 @@ def airflow(tmp_path, hubspot_emulator_factory):
     })
     emulator = hubspot_emulator_factory()
     env["AIRFLOW_CONN_HUBSPOT_DEFAULT"] = emulator.airflow_connection(max_retries=1)
-    af = Airflow(home, env)
+    af = Airflow(home, env, metadata_db)
     af.emulator = emulator
     af.source = source
     af.storage = home / "hubspot_consent"
@@ -148,9 +180,11 @@ def airflow(tmp_path, hubspot_emulator_factory):
         yield af
     finally:
         af.stop()
+        af.engine.dispose()
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("metadata_db", ["sqlite", "postgres"], indirect=True)
 def test_the_readme_backfill_after_an_outage_under_a_real_scheduler(airflow):
     rows = changes_over_days(DAYS)
     write_consent_table(airflow.source, rows)
@@ -194,7 +228,7 @@ def test_the_readme_backfill_after_an_outage_under_a_real_scheduler(airflow):
     ]
 
     # The writes went through the pool that the scheduler created on its start.
-    assert airflow.query("SELECT slots FROM slot_pool WHERE pool = ?", consent.HUBSPOT_POOL) == [
+    assert airflow.query("SELECT slots FROM slot_pool WHERE pool = :pool", pool=consent.HUBSPOT_POOL) == [
         (consent.HUBSPOT_POOL_SLOTS,)
     ]
     pools = airflow.query("SELECT DISTINCT pool FROM task_instance WHERE task_id = 'submit'")

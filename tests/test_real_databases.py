@@ -1,0 +1,260 @@
+"""The consent extract and the SQL ledger on real database servers: PostgreSQL and MariaDB.
+
+They connect through the providers' own common-sql hooks (``PostgresHook``, ``MySqlHook`` with
+mysql-connector-python), to the servers this project's machines run on loopback (see the README).
+Where a server is absent (a laptop), each test skips with the reason; with
+``HUBSPOT_PROVIDER_REQUIRE_SERVICES=1`` (set by ``.ci/run``) an absent server fails the test instead,
+so CI can never pass without having run them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tracemalloc
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from hubspot_provider import consent
+from hubspot_provider.ledger import LEDGER_DDL
+from hubspot_provider.operators.hubspot import HubSpotWriteStatusesOperator
+
+START = datetime(2026, 3, 10, tzinfo=timezone.utc)
+END = START + timedelta(days=1)
+REQUIRED = os.environ.get("HUBSPOT_PROVIDER_REQUIRE_SERVICES") == "1"
+PG = {"host": os.environ.get("HUBSPOT_TEST_PG_HOST", "127.0.0.1"), "port": 5432, "user": "postgres",
+      "dbname": "test"}
+MARIADB = {"host": os.environ.get("HUBSPOT_TEST_MARIADB_HOST", "127.0.0.1"), "port": 3306, "user": "root",
+           "password": "", "database": "test"}
+
+
+def unavailable(what: str, error: Exception) -> None:
+    reason = f"{what} is not reachable ({type(error).__name__}: {str(error).strip()[:120]})"
+    if REQUIRED:
+        pytest.fail(f"{reason}; HUBSPOT_PROVIDER_REQUIRE_SERVICES=1 requires it")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def postgres(monkeypatch):
+    """A DB-API connection to PostgreSQL, and Airflow connection ``pg_source`` to the same database."""
+    import psycopg2
+
+    try:
+        conn = psycopg2.connect(connect_timeout=3, **PG)
+    except psycopg2.OperationalError as exc:
+        unavailable(f"PostgreSQL at {PG['host']}:{PG['port']}", exc)
+    conn.autocommit = True
+    monkeypatch.setenv("AIRFLOW_CONN_PG_SOURCE", json.dumps({
+        "conn_type": "postgres", "host": PG["host"], "port": PG["port"], "login": PG["user"], "schema": PG["dbname"],
+    }))
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def mariadb(monkeypatch):
+    """A DB-API connection to MariaDB, and Airflow connection ``mariadb_source`` to the same database."""
+    import mysql.connector
+
+    try:
+        conn = mysql.connector.connect(connection_timeout=3, autocommit=True, **MARIADB)
+    except mysql.connector.Error as exc:
+        unavailable(f"MariaDB at {MARIADB['host']}:{MARIADB['port']}", exc)
+    monkeypatch.setenv("AIRFLOW_CONN_MARIADB_SOURCE", json.dumps({
+        "conn_type": "mysql", "host": MARIADB["host"], "port": MARIADB["port"], "login": MARIADB["user"],
+        "password": MARIADB["password"], "schema": MARIADB["database"],
+        "extra": {"client": "mysql-connector-python"},
+    }))
+    yield conn
+    conn.close()
+
+
+def table_name(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+def execute(conn, *statements: str, rows: list[tuple] | None = None, insert: str | None = None) -> None:
+    cursor = conn.cursor()
+    try:
+        for statement in statements:
+            cursor.execute(statement)
+        if rows:
+            cursor.executemany(insert, rows)
+    finally:
+        cursor.close()
+
+
+def staged(run: Path) -> dict[str, str]:
+    lines = (run / "staged" / "events.jsonl").read_text().splitlines()
+    return {f"{e['input']['subscriberIdString']}/{e['input'].get('subscriptionId')}": e["input"]["statusState"]
+            for e in map(json.loads, lines)}
+
+
+def extract(conn_id: str, table: str, run: Path, **kwargs) -> dict:
+    return consent.extract_consent_events(
+        source_conn_id=conn_id, source_table=table, data_interval_start=START, data_interval_end=END,
+        run_uri=run.as_uri(), **kwargs,
+    )
+
+
+def day_rows(naive: bool) -> list[tuple]:
+    """Events around the interval: offsets, the interval's edges, a later event, a NULL time."""
+    def moment(text: str) -> datetime:
+        value = datetime.fromisoformat(text)
+        return value.astimezone(timezone.utc).replace(tzinfo=None) if naive else value
+
+    return [
+        ("ada@example.com", 1001, "SUBSCRIBED", moment("2026-03-10T08:00:00+00:00")),
+        ("ada@example.com", 1001, "UNSUBSCRIBED", moment("2026-03-10T09:00:00+00:00")),  # ada's latest
+        ("bob@example.com", 1001, "SUBSCRIBED", moment("2026-03-11T01:30:00+02:00")),   # 23:30Z: in
+        ("cy@example.com", 1001, "SUBSCRIBED", moment("2026-03-11T00:00:00+00:00")),    # the end: out
+        ("dee@example.com", 1001, "SUBSCRIBED", moment("2026-03-09T23:59:59+00:00")),   # before: out
+        ("eve@example.com", 1002, "SUBSCRIBED", moment("2026-03-10T12:00:00+00:00")),
+        ("eve@example.com", 1002, "UNSUBSCRIBED", moment("2026-03-14T12:00:00+00:00")),  # later: eve left
+        ("fay@example.com", None, "UNSUBSCRIBE_ALL", moment("2026-03-10T13:00:00+00:00")),
+        ("gus@example.com", 1001, "SUBSCRIBED", None),                                    # unplaceable
+    ]
+
+
+EXPECTED = {"ada@example.com/1001": "UNSUBSCRIBED", "bob@example.com/1001": "SUBSCRIBED",
+            "fay@example.com/None": "UNSUBSCRIBE_ALL"}
+
+
+@pytest.mark.parametrize("column", ["TIMESTAMPTZ", "TIMESTAMP"])
+def test_postgres_extract_with_aware_and_naive_timestamp_columns(postgres, tmp_path, column):
+    table = table_name("consent_events")
+    execute(
+        postgres,
+        f"CREATE TABLE {table} (email TEXT, subscription_id BIGINT, status TEXT, legal_basis TEXT, "
+        f"legal_basis_explanation TEXT, occurred_at {column})",
+        rows=[(e, s, st, None, None, at) for e, s, st, at in day_rows(naive=column == "TIMESTAMP")],
+        insert=f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s, %s)",
+    )
+    try:
+        run = tmp_path / "run"
+        counts = extract("pg_source", table, run)
+        assert staged(run) == EXPECTED
+        assert (counts["in_interval"], counts["superseded"], counts["superseded_later"], counts["unplaceable"]) == (
+            5, 1, 1, 1)
+    finally:
+        execute(postgres, f"DROP TABLE {table}")
+
+
+def test_mariadb_extract_with_datetime_columns(mariadb, tmp_path):
+    table = table_name("consent_events")
+    execute(
+        mariadb,
+        f"CREATE TABLE {table} (email VARCHAR(254), subscription_id BIGINT, status VARCHAR(20), "
+        "legal_basis VARCHAR(40), legal_basis_explanation TEXT, occurred_at DATETIME(6))",
+        rows=[(e, s, st, None, None, at) for e, s, st, at in day_rows(naive=True)],
+        insert=f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s, %s)",
+    )
+    try:
+        run = tmp_path / "run"
+        counts = extract("mariadb_source", table, run)
+        assert staged(run) == EXPECTED
+        assert (counts["in_interval"], counts["superseded_later"], counts["unplaceable"]) == (5, 1, 1)
+    finally:
+        execute(mariadb, f"DROP TABLE {table}")
+
+
+def test_postgres_extract_streams_a_million_rows_through_a_server_side_cursor_in_flat_memory(postgres, tmp_path):
+    table = table_name("consent_million")
+    execute(
+        postgres,
+        f"CREATE UNLOGGED TABLE {table} (email TEXT, subscription_id BIGINT, status TEXT, legal_basis TEXT, "
+        "legal_basis_explanation TEXT, occurred_at TIMESTAMPTZ)",
+        # 1,000,000 events of the interval over 100,000 keys, made by the server.
+        f"INSERT INTO {table} SELECT 'c' || (i % 100000) || '@example.com', 1001 + (i % 2), "
+        "(ARRAY['SUBSCRIBED','UNSUBSCRIBED','NOT_SPECIFIED'])[1 + i % 3], NULL, NULL, "
+        "TIMESTAMPTZ '2026-03-10 00:00:00+00' + (i % 86400) * INTERVAL '1 second' "
+        "FROM generate_series(1, 1000000) AS i",
+    )
+    seen: list[str] = []
+    import hubspot_provider.consent as module
+
+    original = module._open_cursor
+
+    def spy(conn, conn_type):
+        cursor = original(conn, conn_type)
+        seen.append(type(cursor).__name__ + (" named" if getattr(cursor, "name", None) else ""))
+        return cursor
+
+    module._open_cursor = spy
+    try:
+        tracemalloc.start()
+        counts = extract("pg_source", table, tmp_path / "run", later_events_supersede=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        module._open_cursor = original
+        execute(postgres, f"DROP TABLE {table}")
+    assert counts["rows_read"] == counts["in_interval"] == 1_000_000
+    assert counts["staged"] == 100_000 and counts["superseded"] == 900_000
+    assert seen and all(kind.endswith("named") for kind in seen)  # server-side: rows arrive in chunks
+    # Flat: the rows are never all in memory (a million rows as tuples would take hundreds of MiB).
+    assert peak < 64 * 2**20, f"peak Python memory {peak / 2**20:.1f} MiB"
+
+
+def ledger_run(emulator_factory, hubspot_conn, tmp_path, conn_id: str) -> dict:
+    emulator = emulator_factory()
+    hubspot_conn(emulator, "hubspot_real_db")
+    inputs = [{"input": {"subscriberIdString": f"u{i}@example.com", "subscriptionId": 1001,
+                         "statusState": "SUBSCRIBED"}, "occurredAt": "2026-03-10T10:00:00Z"} for i in range(5)]
+    inputs.append({"input": {"subscriberIdString": "all@example.com", "statusState": "UNSUBSCRIBE_ALL"},
+                   "occurredAt": "2026-03-10T11:00:00Z"})
+    op = HubSpotWriteStatusesOperator(
+        task_id="submit", inputs=inputs, hubspot_conn_id="hubspot_real_db", audit_conn_id=conn_id,
+        audit_table=tmp_path.name, ledger_uri=(tmp_path / "audit").as_uri(), max_concurrency=1,
+    )
+    summary = op.execute(context={"run_id": "manual__real_db"})
+    # This provider opts u0 out now; another integration opts u9 out through the same public API.
+    HubSpotWriteStatusesOperator(
+        task_id="submit", hubspot_conn_id="hubspot_real_db", audit_conn_id=conn_id, audit_table=tmp_path.name,
+        ledger_uri=(tmp_path / "audit1").as_uri(), max_concurrency=1,
+        inputs=[{"input": {"subscriberIdString": "u0@example.com", "subscriptionId": 1001,
+                           "statusState": "UNSUBSCRIBED"}, "occurredAt": "2026-03-10T11:00:00Z"}],
+    ).execute(context={"run_id": "manual__real_db_1"})
+    emulator.hubspot_side_change("u9@example.com", 1001, "UNSUBSCRIBED", source="Public status API")
+    # Opt-ins that happened before both: the ledger explains u0's status (this provider's own write:
+    # it never blocks an event) and not u9's (a change made elsewhere, newer than the event: it wins).
+    again = HubSpotWriteStatusesOperator(
+        task_id="submit", hubspot_conn_id="hubspot_real_db", audit_conn_id=conn_id, audit_table=tmp_path.name,
+        ledger_uri=(tmp_path / "audit2").as_uri(), max_concurrency=1,
+        inputs=[{"input": {"subscriberIdString": "u0@example.com", "subscriptionId": 1001,
+                           "statusState": "SUBSCRIBED"}, "occurredAt": "2026-03-10T09:00:00Z"},
+                {"input": {"subscriberIdString": "u9@example.com", "subscriptionId": 1001,
+                           "statusState": "SUBSCRIBED"}, "occurredAt": "2026-03-10T09:00:00Z"}],
+    ).execute(context={"run_id": "manual__real_db_2"})
+    return {"summary": summary, "again": again}
+
+
+@pytest.mark.parametrize("engine", ["postgres", "mariadb"])
+def test_the_sql_ledger_on_a_real_server(engine, request, hubspot_emulator_factory, hubspot_conn, tmp_path):
+    conn = request.getfixturevalue(engine)
+    conn_id = {"postgres": "pg_source", "mariadb": "mariadb_source"}[engine]
+    table = table_name("ledger")
+    tmp_path = tmp_path.parent / table
+    tmp_path.mkdir()
+    execute(conn, LEDGER_DDL.replace("hubspot_consent_ledger", table))
+    try:
+        done = ledger_run(hubspot_emulator_factory, hubspot_conn, tmp_path, conn_id)
+        cursor = conn.cursor()
+        cursor.execute(f"SELECT run_id, subscriber_id_string, subscription_id, status_state, outcome, "
+                       f"confirmed_status, correlation_id, retryable FROM {table} ORDER BY run_id, subscriber_id_string")
+        rows = cursor.fetchall()
+        cursor.close()
+    finally:
+        execute(conn, f"DROP TABLE {table}")
+    assert done["summary"]["ledger_records"] == 6 and done["summary"]["succeeded"] == 6
+    first = [r for r in rows if r[0] == "manual__real_db"]
+    assert [r[4] for r in rows if r[0] == "manual__real_db_1"] == ["SUCCEEDED"]
+    assert len(first) == 6 and all(r[4] == "SUCCEEDED" and r[6] for r in first)
+    assert [r[2] for r in first if r[1] == "all@example.com"] == [None]  # an opt-out from all: no subscription
+    second = {r[1]: r[4] for r in rows if r[0] == "manual__real_db_2"}
+    assert second == {"u0@example.com": "SUCCEEDED", "u9@example.com": "WITHHELD"}
+    assert done["again"]["withheld_by_category"] == {"NEWER_OPT_OUT_IN_HUBSPOT": 1}
