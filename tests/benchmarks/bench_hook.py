@@ -70,12 +70,12 @@ class Emulator:
         self.process.wait(timeout=10)
 
 
-def bench_throughput(windows: int, rate_max: int, interval_ms: int, batch_size: int) -> dict:
+def bench_throughput(windows: int, rate_max: int, interval_ms: int, batch_size: int, latency_s: float = 0.0) -> dict:
     from hubspot_provider.hooks.hubspot import HubSpotHook
 
     ceiling = batch_size * rate_max / (interval_ms / 1000)
     n = int(ceiling * windows * interval_ms / 1000)
-    emulator = Emulator(rate_limit_max=rate_max, rate_limit_interval_ms=interval_ms)
+    emulator = Emulator(rate_limit_max=rate_max, rate_limit_interval_ms=interval_ms, latency_s=latency_s)
     try:
         emulator.connection("hubspot_bench")
         hook = HubSpotHook("hubspot_bench")
@@ -181,6 +181,8 @@ def main() -> None:
     parser.add_argument("--rate-max", type=int, default=50, help="emulator requests per window")
     parser.add_argument("--interval-ms", type=int, default=1000, help="emulator window (compressed from 10 s)")
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--latency-s", type=float, default=0.0,
+                        help="emulator latency per request (HubSpot's real window: --interval-ms 10000 --rate-max 100)")
     parser.add_argument("--cpu-records", type=int, default=100_000)
     parser.add_argument("--only", choices=["throughput", "cpu", "plain"], default=None)
     args = parser.parse_args()
@@ -194,7 +196,7 @@ def main() -> None:
     if args.only in (None, "cpu"):
         results["cpu_per_record"] = bench_cpu(args.cpu_records, args.batch_size)
     if args.only in (None, "throughput"):
-        results["hubspot_hook"] = bench_throughput(*shape)
+        results["hubspot_hook"] = bench_throughput(*shape, latency_s=args.latency_s)
     if args.only in (None, "plain"):
         results["plain_http_hook"] = bench_plain_http_hook(*shape)
     print(json.dumps(results, indent=2))
