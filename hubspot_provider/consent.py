@@ -335,13 +335,34 @@ def _source_query(
     ]
 
 
-def _later_query(table: str, conn_type: str, placeholder: str, since: datetime) -> tuple[str, list[Any]]:
-    """Events from a day before ``since`` onwards (the exact test is made in Python, as above)."""
+def _later_query(
+    table: str, conn_type: str, placeholder: str, since: datetime, start: datetime | None = None
+) -> tuple[str, list[Any]]:
+    """The source's events from a day before ``since`` onwards (the exact test is made in Python).
+
+    Typed timestamp columns (every database but SQLite) push the check down: the database keeps only
+    the later events of contacts the interval ``[start, since)`` holds (a semi-join) and returns the
+    latest one per (email, subscription) and kind (an opt-out from all email, or any other), so a
+    backfill of an old day reads from the source about as many rows as the day has keys, however
+    many days of events came after it. (An index on ``occurred_at`` lets the database find both sides.)
+    SQLite keeps timestamps as text whose offsets vary, so its latest text is not its latest
+    instant: its later events are streamed and compared in Python.
+    """
     where = f"occurred_at >= {placeholder}"
     bound: Any = since - timedelta(days=1)
     if conn_type == "sqlite":
         bound = bound.date().isoformat()
-    return f"SELECT email, subscription_id, status, occurred_at FROM {table} WHERE {where}", [bound]
+        return f"SELECT email, subscription_id, status, occurred_at FROM {table} WHERE {where}", [bound]
+    low = (start if start is not None else since) - timedelta(days=1)
+    kind = f"CASE WHEN status = '{UNSUBSCRIBE_ALL}' THEN status ELSE 'LATER' END"
+    contact = "lower(trim(email))"
+    return (
+        f"SELECT min(email), subscription_id, {kind}, max(occurred_at) FROM {table} "
+        f"WHERE {where} AND {contact} IN (SELECT {contact} FROM {table} "
+        f"WHERE occurred_at >= {placeholder} AND occurred_at < {placeholder}) "
+        f"GROUP BY {contact}, subscription_id, {kind}",
+        [bound, low, since + timedelta(days=1)],
+    )
 
 
 def _open_cursor(conn: Any, conn_type: str) -> Any:
@@ -516,12 +537,16 @@ class _LatestPerKey:
         return None if at_us is None else _EPOCH + timedelta(microseconds=at_us)
 
     def mark_changed_since(
-        self, hook: Any, conn_type: str, table: str, placeholder: str, since: datetime, fetch_size: int
-    ) -> None:
-        """Stream the source's events from ``since`` on and mark every key they overtake."""
-        sql, parameters = _later_query(table, conn_type, placeholder, since)
+        self, hook: Any, conn_type: str, table: str, placeholder: str, since: datetime, fetch_size: int,
+        start: datetime | None = None,
+    ) -> int:
+        """Read the source's events from ``since`` on (see :func:`_later_query`) and mark every key
+        they overtake; returns how many rows the source sent."""
+        sql, parameters = _later_query(table, conn_type, placeholder, since, start)
         rows = _iter_source_rows(hook, conn_type, sql, parameters, fetch_size)
+        read = 0
         for email, subscription_id, status, occurred_at in rows:
+            read += 1
             moment = parse_occurred_at(occurred_at)
             if moment is None or moment < since:
                 continue
@@ -532,6 +557,7 @@ class _LatestPerKey:
             self.mark_later(key, moment)
             if record["statusState"] == UNSUBSCRIBE_ALL:
                 self.mark_later_opt_out_from_all(_contact(record), moment)
+        return read
 
     def superseded_later(self) -> int:
         self._flush()
@@ -592,7 +618,8 @@ def extract_consent_events(
     :param later_events_supersede: leave out keys with a later event in the source (default). ``False``
         stages the interval's latest events whatever happened since.
     :return: counts and paths (XCom-safe): ``rows_read, in_interval, outside_interval, unplaceable,
-        undecodable, superseded, superseded_later, staged, staged_uri, run_uri, dead_letter_uri,
+        undecodable, superseded, superseded_later, later_rows_read`` (rows the later-events check
+        read), ``staged, staged_uri, run_uri, dead_letter_uri,
         unplaceable_uri, data_interval_start, data_interval_end``.
     """
     table = check_identifier(source_table)
@@ -655,8 +682,10 @@ def extract_consent_events(
                 for row in _iter_source_rows(hook, conn_type, sql, parameters, fetch_size):
                     take(row)
             counts["unplaceable"], counts["undecodable"] = unplaceable.count, undecodable.count
+            later_rows_read = 0
             if later_events_supersede and latest.added:
-                latest.mark_changed_since(hook, conn_type, table, placeholder, end, fetch_size)
+                later_rows_read = latest.mark_changed_since(hook, conn_type, table, placeholder, end, fetch_size,
+                                                            start)
             superseded_later = latest.superseded_later()
             staged_file.parent.mkdir(parents=True, exist_ok=True)
             with staged_file.open("w", encoding="utf-8") as handle:
@@ -670,6 +699,7 @@ def extract_consent_events(
         **counts,
         "superseded": counts["in_interval"] - counts["undecodable"] - staged - superseded_later,
         "superseded_later": superseded_later,
+        "later_rows_read": later_rows_read,
         "staged": staged,
         "staged_uri": str(staged_file),
         "run_uri": str(run),

@@ -117,6 +117,8 @@ def day_rows(naive: bool) -> list[tuple]:
         ("eve@example.com", 1002, "UNSUBSCRIBED", moment("2026-03-14T12:00:00+00:00")),  # later: eve left
         ("fay@example.com", None, "UNSUBSCRIBE_ALL", moment("2026-03-10T13:00:00+00:00")),
         ("gus@example.com", 1001, "SUBSCRIBED", None),                                    # unplaceable
+        ("hal@example.com", 1002, "SUBSCRIBED", moment("2026-03-10T14:00:00+00:00")),
+        (" HAL@Example.com", None, "UNSUBSCRIBE_ALL", moment("2026-03-20T14:00:00+00:00")),  # later, all
     ]
 
 
@@ -139,7 +141,10 @@ def test_postgres_extract_with_aware_and_naive_timestamp_columns(postgres, tmp_p
         counts = extract("pg_source", table, run)
         assert staged(run) == EXPECTED
         assert (counts["in_interval"], counts["superseded"], counts["superseded_later"], counts["unplaceable"]) == (
-            5, 1, 1, 1)
+            6, 1, 2, 1)
+        # The check is pushed down: one row per key and kind of the interval's contacts, from a day
+        # before the interval's end on (the slack for naive columns), not every later event.
+        assert counts["later_rows_read"] == 7
     finally:
         execute(postgres, f"DROP TABLE {table}")
 
@@ -157,7 +162,8 @@ def test_mariadb_extract_with_datetime_columns(mariadb, tmp_path):
         run = tmp_path / "run"
         counts = extract("mariadb_source", table, run)
         assert staged(run) == EXPECTED
-        assert (counts["in_interval"], counts["superseded_later"], counts["unplaceable"]) == (5, 1, 1)
+        assert (counts["in_interval"], counts["superseded_later"], counts["unplaceable"]) == (6, 2, 1)
+        assert counts["later_rows_read"] == 7
     finally:
         execute(mariadb, f"DROP TABLE {table}")
 
