@@ -350,11 +350,14 @@ def _later_query(
     """
     where = f"occurred_at >= {placeholder}"
     bound: Any = since - timedelta(days=1)
-    if conn_type == "sqlite":
-        bound = bound.date().isoformat()
+    if conn_type == "sqlite" or start is None:
+        # (Without an interval, as for a replay of dead letters from many days, every later event
+        # is read: the pushdown's semi-join needs the interval's contacts.)
+        if conn_type == "sqlite":
+            bound = bound.date().isoformat()
         return f"SELECT email, subscription_id, status, occurred_at FROM {table} WHERE {where}", [bound]
-    low = (start if start is not None else since) - timedelta(days=1)
-    kind = f"CASE WHEN status = '{UNSUBSCRIBE_ALL}' THEN status ELSE 'LATER' END"
+    low = start - timedelta(days=1)
+    kind = f"CASE WHEN status = '{UNSUBSCRIBE_ALL}' THEN '{UNSUBSCRIBE_ALL}' ELSE 'LATER' END"
     contact = "lower(trim(email))"
     return (
         f"SELECT min(email), subscription_id, {kind}, max(occurred_at) FROM {table} "
@@ -1146,7 +1149,8 @@ def prepare_replay(
                         out.write(line + "\n")
                         selected += 1
                     else:
-                        latest.add(status_key(letter["input"]), moment, line)
+                        latest.add(status_key(letter["input"]), moment, line, _contact(letter["input"]),
+                                   letter["input"].get("statusState") == UNSUBSCRIBE_ALL)
                 since = latest.earliest()
                 if source_check is not None and since is not None:
                     hook, conn_type, table, placeholder = source_check

@@ -15,7 +15,7 @@ what did HubSpot answer?". The ledger holds personal data: it never goes to XCom
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 
@@ -96,6 +96,8 @@ WITHHELD = "WITHHELD"
 @lru_cache(maxsize=256)
 def _iso(moment: datetime) -> str:
     # A batch's records share their sentAt; HubSpot's timestamps repeat too. Cached, it costs a lookup.
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc)
     return moment.isoformat().replace("+00:00", "Z")
 
 
@@ -137,8 +139,7 @@ def ledger_record(
     if result is not None:
         record.confirmed_status = _wire(result.status)
         record.set_status_success_reason = _wire(result.set_status_success_reason)
-        timestamp = result.timestamp
-        record.hubspot_timestamp = None if timestamp is None else _iso(timestamp)
+        record.hubspot_timestamp = as_text(result.timestamp)  # text when HubSpot sent an odd format
         record.hubspot_source = result.source
     if failure is not None:
         record.failure_category = failure.category
@@ -165,7 +166,7 @@ def withheld_record(
         get("subscriberIdString"), get("subscriptionId"), get("channel", "EMAIL"), get("statusState"),
         get("legalBasis"), get("legalBasisExplanation"), as_text(occurred_at), None, 0, WITHHELD,
         confirmed_status=None if current is None else ("OPTED_OUT_OF_ALL" if current.wide else current.status),
-        hubspot_timestamp=None if current is None or current.timestamp is None else _iso(current.timestamp),
+        hubspot_timestamp=None if current is None else as_text(current.timestamp),
         hubspot_source=None if current is None else current.source,
         failure_category=verdict.category, failure_message=verdict.message, retryable=False,
     )

@@ -171,7 +171,8 @@ def plan_in_words(plan: dict[str, Any]) -> str:
     """``1,204 would change: 880 SUBSCRIBED→UNSUBSCRIBED, …; 9,310 already so; 12 withheld``."""
     transitions = ", ".join(f"{count:,} {label}" for label, count in (plan.get("transitions") or {}).items())
     return (f"{plan.get('change', 0):,} would change{f': {transitions}' if transitions else ''}; "
-            f"{plan.get('no-op', 0):,} already so; {plan.get('withhold', 0):,} withheld")
+            f"{plan.get('no-op', 0):,} already so; {plan.get('withhold', 0):,} withheld"
+            + (f"; {plan['unknown']:,} unknown (HubSpot's read left them out)" if plan.get("unknown") else ""))
 
 
 def failure_ratio_exceeded(

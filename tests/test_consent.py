@@ -242,11 +242,12 @@ def test_an_opt_out_from_all_email_is_staged_first_and_supersedes_the_contacts_e
 def test_the_later_event_check_is_pushed_down_where_timestamps_are_typed():
     sql, parameters = consent._later_query("crm.consent_events", "postgres", "%s", END, START)
     assert sql == (
-        "SELECT min(email), subscription_id, CASE WHEN status = 'UNSUBSCRIBE_ALL' THEN status ELSE 'LATER' END, "
+        "SELECT min(email), subscription_id, CASE WHEN status = 'UNSUBSCRIBE_ALL' THEN 'UNSUBSCRIBE_ALL' ELSE "
+        "'LATER' END, "
         "max(occurred_at) FROM crm.consent_events WHERE occurred_at >= %s AND lower(trim(email)) IN "
         "(SELECT lower(trim(email)) FROM crm.consent_events WHERE occurred_at >= %s AND occurred_at < %s) "
-        "GROUP BY lower(trim(email)), subscription_id, CASE WHEN status = 'UNSUBSCRIBE_ALL' THEN status ELSE "
-        "'LATER' END")
+        "GROUP BY lower(trim(email)), subscription_id, CASE WHEN status = 'UNSUBSCRIBE_ALL' THEN 'UNSUBSCRIBE_ALL' "
+        "ELSE 'LATER' END")
     assert parameters == [END - timedelta(days=1), START - timedelta(days=1), END + timedelta(days=1)]
     # SQLite's text timestamps carry varying offsets: the latest text is not the latest instant.
     sql, parameters = consent._later_query("consent_events", "sqlite", "?", END)
@@ -627,6 +628,7 @@ def test_replay_leaves_out_dead_letters_the_source_has_overtaken(tmp_path, sourc
         letter("cy@example.com", "SUBSCRIBED", "2026-03-10T10:00:00Z"),     # its own event only: replayed
         letter("dee@example.com", "UNSUBSCRIBED", None),                    # cannot be compared: replayed
         letter("eve@example.com", "SUBSCRIBED", "2026-03-08T10:00:00Z"),    # an older letter for eve ...
+        letter("fay@example.com", "SUBSCRIBED", "2026-03-10T10:00:00Z"),    # fay opted out of all later
     ]) + "\n")
     (folder / "part-b.jsonl").write_text(
         letter("EVE@example.com", "UNSUBSCRIBED", "2026-03-09T10:00:00Z") + "\n"  # ... and the later one
@@ -638,6 +640,7 @@ def test_replay_leaves_out_dead_letters_the_source_has_overtaken(tmp_path, sourc
         event("bob@example.com", "2026-03-12 09:00:00", "UNSUBSCRIBED", subscription_id=1002),
         event("cy@example.com", "2026-03-10T11:00:00+01:00", "SUBSCRIBED"),  # the same instant as the letter
         event("eve@example.com", "2026-03-09 10:00:00", "UNSUBSCRIBED"),
+        event("FAY@example.com", "2026-03-11 10:00:00", "UNSUBSCRIBE_ALL", None),
     ])
 
     prepared = consent.prepare_replay(folder.as_uri(), run_id="r1", source_conn_id="hubspot_consent_source")
@@ -646,10 +649,10 @@ def test_replay_leaves_out_dead_letters_the_source_has_overtaken(tmp_path, sourc
         "bob@example.com": "SUBSCRIBED", "cy@example.com": "SUBSCRIBED", "dee@example.com": "UNSUBSCRIBED",
         "EVE@example.com": "UNSUBSCRIBED",
     }
-    assert (prepared["selected"], prepared["superseded"], prepared["superseded_later"]) == (4, 1, 1)
+    assert (prepared["selected"], prepared["superseded"], prepared["superseded_later"]) == (4, 1, 2)
 
     unchecked = consent.prepare_replay(folder.as_uri(), run_id="r2")
-    assert (unchecked["selected"], unchecked["superseded"], unchecked["superseded_later"]) == (6, 0, 0)
+    assert (unchecked["selected"], unchecked["superseded"], unchecked["superseded_later"]) == (7, 0, 0)
 
     with pytest.raises(ValueError, match="source_conn_id 'nowhere' cannot be used.*or to null"):
         consent.prepare_replay(folder.as_uri(), run_id="r3", source_conn_id="nowhere")

@@ -126,7 +126,54 @@ def test_an_opt_out_from_all_email_in_hubspot_blocks_a_resubscribe_and_an_unknow
     assert decide({"statusState": "SUBSCRIBED"}, None, older, None, "respect_opt_outs").action == "withhold"
 
 
+def test_an_opt_out_made_in_hubspot_wins_a_tie_and_one_of_unknown_time_counts_as_newer():
+    for timestamp in (at(10), None):
+        current = Current("UNSUBSCRIBED", timestamp, "Unsubscribe Link", True)
+        assert decide({"statusState": "SUBSCRIBED"}, at(10), current, None, "respect_opt_outs").action == "withhold"
+    # Not an opt-out, same instant: the source's event stands.
+    current = Current("SUBSCRIBED", at(10), "HubSpot UI", True)
+    assert decide({"statusState": "NOT_SPECIFIED"}, at(10), current, None, "respect_all").action == "change"
+
+
+def test_a_write_that_changed_nothing_teaches_nothing_about_own_writes():
+    from hubspot_provider.hooks._guard import OwnWrites
+    from hubspot_provider.models import PublicStatus
+
+    own = OwnWrites()
+    unchanged = PublicStatus(source="Unsubscribe Link", set_status_success_reason="NO_STATUS_CHANGE")
+    own.learn(unchanged, {"subscriberIdString": "a@example.com", "statusState": "UNSUBSCRIBE_ALL"})
+    assert own.sources == {API_SOURCE} and own.opted_out_of_all == set()
+    changed = PublicStatus(source="Some App", set_status_success_reason="REQUESTED_CHANGE_OCCURRED")
+    own.learn(changed, {"subscriberIdString": "A@example.com", "statusState": "UNSUBSCRIBE_ALL"})
+    assert own.sources == {API_SOURCE, "Some App"} and own.opted_out_of_all == {"a@example.com"}
+
+
+def test_a_ledger_record_keeps_a_timestamp_hubspot_sent_as_odd_text_and_writes_utc():
+    from hubspot_provider.ledger import ledger_record
+    from hubspot_provider.models import PublicStatus
+    from hubspot_provider.results import InputOutcome
+
+    wire = {"subscriberIdString": "a@example.com", "subscriptionId": 1001, "statusState": "SUBSCRIBED"}
+    odd = PublicStatus(status="SUBSCRIBED", timestamp="yesterday-ish")
+    record = ledger_record(InputOutcome(0, wire, at(1), 1, "c", result=odd), run_id="r")
+    assert record.hubspot_timestamp == "yesterday-ish" and record.sent_at == "2026-03-10T01:00:00Z"
+    offset = PublicStatus(status="SUBSCRIBED", timestamp="2026-03-10T12:00:00+02:00")
+    record = ledger_record(InputOutcome(0, wire, at(1), 1, "c", result=offset), run_id="r")
+    assert record.hubspot_timestamp == "2026-03-10T10:00:00Z"
+
+
 # --------------------------------------------------------------------------- against the emulator
+
+
+def test_a_contact_hubspots_read_leaves_out_is_not_written_blind(emulator, conn, tmp_path):
+    # The emulator's reads reject an address under the reserved .invalid domain (as HubSpot may reject
+    # one it cannot read): the answer has an error for it and no result.
+    summary = run([event("ghost@example.invalid", "SUBSCRIBED", 10), event("ok@example.com", "SUBSCRIBED", 10)],
+                  tmp_path)
+    assert summary["failed_by_category"] == {"CURRENT_STATUS_UNREAD": 1} and summary["retryable_failed"] == 1
+    assert summary["succeeded"] == 1 and emulator.status_of("ghost@example.invalid", 1001) is None
+    [letter] = lines(tmp_path / "dl")
+    assert letter["retryable"] is True and "not sent" in letter["message"]
 
 
 def test_a_footer_opt_out_after_the_source_opt_in_stays_and_is_reported(emulator, conn, tmp_path, task_log):
@@ -290,7 +337,7 @@ def test_a_dry_run_writes_nothing_and_its_plan_is_what_the_run_then_does(emulato
     assert emulator.wide_status_of("all@example.com") is None
     assert all(r.path.endswith("/read") for r in emulator.requests)
     assert planned["dry_run"] is True and planned["succeeded"] == 0 and planned["ledger_records"] == 0
-    assert planned["plan"] == {"change": 3, "no-op": 1, "withhold": 1, "transitions": {
+    assert planned["plan"] == {"change": 3, "no-op": 1, "withhold": 1, "unknown": 0, "transitions": {
         "NOT_OPTED_OUT_OF_ALL→UNSUBSCRIBE_ALL": 1, "NOT_SPECIFIED→UNSUBSCRIBED": 1, "UNSUBSCRIBED→SUBSCRIBED": 1}}
     rows = {r["input"]["subscriberIdString"]: r for r in lines(plan_folder)}
     assert rows["late@example.com"]["action"] == "withhold"

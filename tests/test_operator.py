@@ -363,6 +363,26 @@ def test_long_rate_limit_wait_fails_and_a_retry_resumes_from_the_checkpoint(
     assert len(emulator.statuses) == 30
 
 
+def test_writes_that_landed_before_an_interruption_keep_their_own_audit_records(emulator, hubspot_conn, tmp_path):
+    hubspot_conn(emulator, max_retries=1)
+    uri = staged(tmp_path / "in.jsonl", rows(10))
+    emulator.inject("slow:0", count=1)  # the segment's first batch lands...
+    emulator.inject("503", count=2)  # ...its second fails, retry included
+    with pytest.raises(HubSpotUnavailableError):
+        operator(input_uri=uri, batch_size=5, segment_size=10).execute(context={})
+    [interrupted] = sorted((tmp_path / "audit").glob("*.interrupted-*.jsonl"))
+    landed = [json.loads(line) for line in interrupted.read_text().splitlines()]
+    assert len(landed) == 5 and {r["setStatusSuccessReason"] for r in landed} == {"REQUESTED_CHANGE_OCCURRED"}
+
+    # The retry sends the segment again: HubSpot already holds the first five, and says so.
+    summary = operator(input_uri=uri, batch_size=5, segment_size=10).execute(context={})
+    assert summary["succeeded"] == 10 and summary["ledger_records"] == 15  # the 5 kept, and 10 now
+    again = [json.loads(line) for part in sorted((tmp_path / "audit").glob("part-*.jsonl"))
+             if ".interrupted-" not in part.name for line in part.read_text().splitlines()]
+    assert sorted(r["setStatusSuccessReason"] for r in again) == ["NO_STATUS_CHANGE"] * 5 + [
+        "REQUESTED_CHANGE_OCCURRED"] * 5
+
+
 # --------------------------------------------------------------------------- crashes, retries, re-runs
 
 

@@ -63,7 +63,9 @@ UNSUBSCRIBED = "UNSUBSCRIBED"
 UNSUBSCRIBE_ALL = "UNSUBSCRIBE_ALL"
 NOT_SPECIFIED = "NOT_SPECIFIED"
 OPTED_OUT_OF_ALL = "OPTED_OUT_OF_ALL"
-CHANGE, NO_OP, WITHHOLD = "change", "no-op", "withhold"
+CHANGE, NO_OP, WITHHOLD, UNKNOWN = "change", "no-op", "withhold", "unknown"
+CURRENT_STATUS_UNREAD = "CURRENT_STATUS_UNREAD"
+"""Category of an input not sent because HubSpot's read left its contact out (retryable)."""
 
 
 def check_policy(value: Any) -> str:
@@ -150,7 +152,9 @@ class OwnWrites:
         provider opted out of all email."""
         reason = _wire(getattr(status, "set_status_success_reason", None))
         source = getattr(status, "source", None)
-        if source and reason not in (None, "NO_STATUS_CHANGE"):
+        if reason in (None, "NO_STATUS_CHANGE"):
+            return  # HubSpot already held it: whoever set it, it was not this write
+        if source:
             self.sources.add(source)
         if wire is not None and wire.get("statusState") == UNSUBSCRIBE_ALL:
             self.opted_out_of_all.add(str(wire.get("subscriberIdString", "")).lower())
@@ -184,10 +188,14 @@ def decide(
         for current in (wide, sub):
             if current is None or not current.hubspot_side:
                 continue
-            newer = occurred_at is None or (current.timestamp is not None and current.timestamp > occurred_at)
+            # An opt-out wins ties, and one of unknown time counts as newer: a withdrawal must stick.
+            opt_out = current.wide or current.status == UNSUBSCRIBED
+            if occurred_at is None or current.timestamp is None:
+                newer = opt_out or occurred_at is None
+            else:
+                newer = current.timestamp >= occurred_at if opt_out else current.timestamp > occurred_at
             if not newer:
                 continue
-            opt_out = current.wide or current.status == UNSUBSCRIBED
             if opt_out or (policy == RESPECT_ALL and current.status != wanted):
                 what = "an opt-out from all email" if current.wide else f"status {current.status}"
                 category = NEWER_OPT_OUT_IN_HUBSPOT if opt_out else NEWER_CHANGE_IN_HUBSPOT

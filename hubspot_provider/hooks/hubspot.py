@@ -29,7 +29,17 @@ from pydantic import ValidationError
 
 from hubspot_provider.exceptions import HubSpotAuthError, HubSpotConfigError, HubSpotResponseError
 from hubspot_provider.hooks._batching import WRITE_SCOPE, BatchWriter, UnsubscribeAllWriter
-from hubspot_provider.hooks._guard import DEFAULT_POLICY, Current, OwnWrites, Verdict, check_policy, decide, needs_read
+from hubspot_provider.hooks._guard import (
+    CURRENT_STATUS_UNREAD,
+    DEFAULT_POLICY,
+    UNKNOWN,
+    Current,
+    OwnWrites,
+    Verdict,
+    check_policy,
+    decide,
+    needs_read,
+)
 from hubspot_provider.hooks._pacer import RateLimitPacer
 from hubspot_provider.hooks._transport import (
     DEFAULT_MAX_RESPONSE_BYTES,
@@ -537,7 +547,8 @@ class HubSpotHook(BaseHook):
         """HubSpot's current subscription statuses of many contacts: ``{email (lower-case):
         {subscription id: PublicStatus}}``, read with ``statuses/batch/read`` in batches of
         ``batch_size``, paced and retried. A contact HubSpot holds no status for maps to ``{}``; an
-        address HubSpot rejects is left out.
+        address HubSpot rejects (or a batch HubSpot does not report ``COMPLETE``) is left out, so
+        a contact missing from the answer is one whose statuses are unknown.
 
         .. code-block:: python
 
@@ -547,6 +558,8 @@ class HubSpotHook(BaseHook):
         found: dict[str, dict[int, PublicStatus]] = {}
         for answer in self._read_batches("statuses/batch/read", emails, BatchResponsePublicStatusBulkResponse,
                                          stats or Stats(), channel):
+            if _enum_value(answer.status) != "COMPLETE":
+                continue
             for contact in answer.results:
                 email = (contact.subscriber_id_string or "").lower()
                 statuses = found.setdefault(email, {})
@@ -556,19 +569,27 @@ class HubSpotHook(BaseHook):
         return found
 
     def read_unsubscribe_all(
-        self, emails: Iterable[str], *, channel: str = "EMAIL", stats: Stats | None = None
+        self, emails: Iterable[str], *, channel: str = "EMAIL", stats: Stats | None = None,
+        answered: set[str] | None = None,
     ) -> dict[str, PublicWideStatus]:
         """Which of ``emails`` opted out of all email (``statuses/batch/unsubscribe-all/read``, batched,
         paced, retried): ``{email (lower-case): PublicWideStatus}`` for those whose wide status is
-        ``UNSUBSCRIBED``; the others are left out."""
+        ``UNSUBSCRIBED`` (the newest, when HubSpot holds several, e.g. per business unit); the others
+        are left out. ``answered``, when given, receives every contact HubSpot answered for."""
         found: dict[str, PublicWideStatus] = {}
         for answer in self._read_batches("statuses/batch/unsubscribe-all/read", emails,
                                          BatchResponsePublicWideStatusBulkResponse, stats or Stats(), channel):
+            if _enum_value(answer.status) != "COMPLETE":
+                continue
             for contact in answer.results:
+                if answered is not None and contact.subscriber_id_string:
+                    answered.add(contact.subscriber_id_string.lower())
                 for wide in contact.wide_statuses:
-                    status = wide.status.value if isinstance(wide.status, Enum) else wide.status
-                    if status == "UNSUBSCRIBED":
-                        email = (wide.subscriber_id_string or contact.subscriber_id_string or "").lower()
+                    if _enum_value(wide.status) != "UNSUBSCRIBED":
+                        continue
+                    email = (wide.subscriber_id_string or contact.subscriber_id_string or "").lower()
+                    known = found.get(email)
+                    if known is None or _newer(wide.timestamp, known.timestamp):
                         found[email] = wide
         return found
 
@@ -601,7 +622,8 @@ class HubSpotHook(BaseHook):
             return [None] * len(items)
         stats = stats or Stats()
         statuses = self.read_statuses(emails, stats=stats)
-        wides = self.read_unsubscribe_all(emails, stats=stats)
+        wide_answered: set[str] = set()
+        wides = self.read_unsubscribe_all(emails, stats=stats, answered=wide_answered)
 
         def current_of(wire: Mapping[str, Any]) -> tuple[Any, Any]:
             email = str(wire.get("subscriberIdString", "")).lower()
@@ -612,7 +634,7 @@ class HubSpotHook(BaseHook):
         for (wire, _), need in zip(items, wanted):
             if need:
                 sub, wide = current_of(wire)
-                if sub is not None and sub.source in own.sources:
+                if sub is not None and sub.source in own.sources and sub.subscriber_id_string:
                     candidates.add((sub.subscriber_id_string.lower(), sub.subscription_id,
                                     _enum_value(sub.status), _iso_text(sub.timestamp)))
                 if wide is not None:
@@ -625,10 +647,21 @@ class HubSpotHook(BaseHook):
             if not need:
                 verdicts.append(None)
                 continue
+            email = str(wire.get("subscriberIdString", "")).lower()
+            if email not in statuses or email not in wide_answered:
+                # HubSpot's answer left this contact out (an error, a batch not COMPLETE): what it holds
+                # is unknown, and writing blind could undo an opt-out. Not sent; a retry reads again.
+                verdicts.append(Verdict(
+                    UNKNOWN, None, f"?→{wire.get('statusState')}", CURRENT_STATUS_UNREAD,
+                    "HubSpot's read of this contact's current statuses returned no answer for it, so "
+                    f"hubspot_changes={policy} could not check for a newer change made in HubSpot; not sent. "
+                    "Retryable: replay the dead letters",
+                ))
+                continue
             sub, wide = current_of(wire)
             current_sub = current_wide = None
             if sub is not None:
-                key = (sub.subscriber_id_string.lower(), sub.subscription_id, _enum_value(sub.status),
+                key = ((sub.subscriber_id_string or email).lower(), sub.subscription_id, _enum_value(sub.status),
                        _iso_text(sub.timestamp))
                 own_write = sub.source in own.sources and (explained is None or key in explained)
                 current_sub = Current(_enum_value(sub.status), _as_datetime(sub.timestamp), sub.source,
@@ -808,7 +841,14 @@ def _enum_value(value: Any) -> Any:
 
 
 def _as_datetime(value: Any) -> datetime | None:
-    return value if isinstance(value, datetime) else None
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)  # naive: UTC
+
+
+def _newer(a: Any, b: Any) -> bool:
+    a, b = _as_datetime(a), _as_datetime(b)
+    return b is None or (a is not None and a > b)
 
 
 def _iso_text(value: Any) -> str | None:

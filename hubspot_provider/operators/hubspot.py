@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from hubspot_provider.exceptions import (
     HubSpotAuthError,
+    HubSpotError,
     HubSpotConfigError,
     HubSpotRateLimitError,
     HubSpotRequestError,
@@ -41,6 +42,7 @@ from hubspot_provider.hooks._guard import (
     DEFAULT_POLICY,
     NO_OP,
     SOURCE_WINS,
+    UNKNOWN,
     WITHHOLD,
     OwnWrites,
     Verdict,
@@ -52,6 +54,7 @@ from hubspot_provider.ledger import LedgerRecord, SqlLedger, as_text, ledger_rec
 from hubspot_provider.models import UNSUBSCRIBE_ALL, describe_validation_error, validate_consent_input
 from hubspot_provider.results import (
     INVALID_INPUT,
+    FailedInput,
     InputOutcome,
     WriteReport,
     categories_in_words,
@@ -110,6 +113,7 @@ class _Progress:
     plan: dict[str, int] = field(default_factory=dict)
     transitions: dict[str, int] = field(default_factory=dict)
     plan_files: int = 0
+    interruptions: int = 0  # segments cut short by HubSpot: their landed writes' records kept apart
     elapsed_s: float = 0.0
     prefix_sha256: str = ""  # digest of every staged line up to the last one done
 
@@ -437,8 +441,9 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         self._open_ledger(context, dead_letters)
         if progress is None:
             progress = _Progress()
-            # A dry run rewrites its plan and leaves the ledger of real writes alone.
-            for folder in (dead_letters, self._plan if self._dry_run else self._ledger):
+            # A dry run rewrites its plan and leaves the dead letters and the ledger of real runs alone.
+            folders = (self._plan,) if self._dry_run else (dead_letters, self._ledger)
+            for folder in folders:
                 if folder is not None:
                     self._remove_stale_parts(folder, prefix)
         else:
@@ -620,10 +625,19 @@ class HubSpotWriteStatusesOperator(BaseOperator):
                 progress.report += WriteReport(reads=stats.requests, retries=stats.retries,
                                                rate_limited=stats.rate_limited)
         if self._dry_run:
-            self._plan_segment(entries, verdicts, progress, prefix + f"{segment[0].line:0{_LINE_DIGITS}d}.jsonl")
+            # Invalid lines are listed in the plan; the dead letters of a real run are left alone.
+            self._plan_segment(entries, verdicts, progress, prefix + f"{segment[0].line:0{_LINE_DIGITS}d}.jsonl",
+                               letters)
+            letters = []
             report = WriteReport()
         else:
-            report = self._send_segment(entries, verdicts, letters)
+            try:
+                report = self._send_segment(entries, verdicts, letters)
+            except HubSpotError:
+                # The segment is sent again whole, and its re-sends find HubSpot already in that
+                # state. The writes that did land now must keep their own audit records.
+                self._keep_interrupted_ledger(prefix, segment[0].line, progress)
+                raise
         progress.add_outcomes(report)
         progress.add_unsendable(unsendable)
         progress.skipped += sum(1 for r in segment if r.kind == "skip")
@@ -669,7 +683,12 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         self._audit = audit
         everything, statuses = [], []
         for position, ((record, wire), verdict) in enumerate(zip(entries, verdicts)):
-            if verdict is not None and verdict.action == WITHHOLD:
+            if verdict is not None and verdict.action == UNKNOWN:
+                report.add_failure(FailedInput(index=position, input=wire, category=verdict.category,
+                                               message=verdict.message, retryable=True), keep=False)
+                letters.append((record.line, dead_letter(wire, verdict.category, verdict.message, True,
+                                                         record.occurred_at)))
+            elif verdict is not None and verdict.action == WITHHOLD:
                 report.add_withheld(verdict.category or WITHHOLD)
                 letters.append((record.line, dead_letter(wire, verdict.category, verdict.message, False,
                                                          record.occurred_at)))
@@ -711,10 +730,12 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         verdicts: list[Verdict | None],
         progress: _Progress,
         part: str,
+        invalid: list[tuple[int, dict[str, Any]]],
     ) -> None:
         """A dry run's plan for one segment: per input, HubSpot's current status, the proposed one,
-        and whether it would change, be a no-op, or be withheld by the policy."""
-        rows = []
+        and whether it would change, be a no-op, or be withheld by the policy (or its status could not
+        be read: ``unknown``); invalid lines as ``invalid``, with the reason."""
+        rows = [(line, {**letter, "action": "invalid"}) for line, letter in invalid]
         for (record, wire), verdict in zip(entries, verdicts):
             if verdict is None:  # a dry run reads every key; this cannot happen, but never guess
                 continue
@@ -729,6 +750,15 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         if rows and self._plan is not None:
             self._write_part(self._plan, part, rows)
             progress.plan_files += 1
+
+    def _keep_interrupted_ledger(self, prefix: str, first_line: int, progress: _Progress) -> None:
+        records, self._audit = [r for r in self._audit if r is not None], []
+        if not records:
+            return
+        progress.interruptions += 1
+        self._write_ledger(f"{prefix}{first_line:0{_LINE_DIGITS}d}.interrupted-{progress.interruptions}.jsonl",
+                           records)
+        progress.ledger_records += len(records)
 
     def _write_ledger(self, part: str, records: list[LedgerRecord]) -> None:
         if self._ledger is not None:
@@ -767,7 +797,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             "hubspot_changes": self._policy,
             "reads": report.reads,
             "dry_run": self._dry_run,
-            "plan": {**{action: progress.plan.get(action, 0) for action in (CHANGE, NO_OP, WITHHOLD)},
+            "plan": {**{action: progress.plan.get(action, 0) for action in (CHANGE, NO_OP, WITHHOLD, UNKNOWN)},
                      "transitions": dict(sorted(progress.transitions.items(), key=lambda kv: (-kv[1], kv[0])))}
             if self._dry_run else None,
             "plan_uri": str(self._plan) if self._dry_run and self._plan is not None and progress.plan_files else None,
@@ -986,7 +1016,7 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         # otherwise duplicate dead letters, or list inputs that no longer fail.
         if not folder.is_dir():
             return
-        pattern = re.compile(re.escape(prefix) + r"\d+\.jsonl")
+        pattern = re.compile(re.escape(prefix) + r"\d+(\.interrupted-\d+)?\.jsonl")
         for part in folder.iterdir():
             if pattern.fullmatch(part.name):
                 part.unlink(missing_ok=True)
