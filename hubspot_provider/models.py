@@ -214,7 +214,8 @@ class UnsubscribeAllRequest(_Wire):
     """One contact to opt out of all email (``statuses/batch/unsubscribe-all``).
 
     HubSpot's request carries only the email; ``legal_basis`` and its explanation are kept for the
-    ledger (and checked like a status write's when the portal requires them). Its key has no
+    ledger when given. They are never required, even where status writes must carry them: HubSpot's
+    endpoint takes none, and an opt-out must never be held back for want of a basis. Its key has no
     subscription (``None``): one contact-wide opt-out.
     """
 
@@ -229,10 +230,6 @@ class UnsubscribeAllRequest(_Wire):
     legal_basis: LegalBasis | None = None
     legal_basis_explanation: Annotated[str | None, AfterValidator(_check_explanation)] = None
 
-    @model_validator(mode="after")
-    def _legal_basis_pair(self, info: ValidationInfo) -> UnsubscribeAllRequest:
-        _require_legal_basis_pair(self, info)
-        return self
 
     @property
     def key(self) -> tuple[str, None, str]:

@@ -162,6 +162,16 @@ def test_a_ledger_record_keeps_a_timestamp_hubspot_sent_as_odd_text_and_writes_u
     assert record.hubspot_timestamp == "2026-03-10T10:00:00Z"
 
 
+def test_an_opt_out_from_all_email_never_needs_a_legal_basis():
+    from hubspot_provider.models import UnsubscribeAllRequest, validate_consent_input
+
+    row = {"subscriberIdString": "a@example.com", "statusState": "UNSUBSCRIBE_ALL", "subscriptionId": None}
+    assert isinstance(validate_consent_input(row, require_legal_basis=True), UnsubscribeAllRequest)
+    with pytest.raises(ValueError, match="legalBasis"):
+        validate_consent_input({"subscriberIdString": "a@example.com", "statusState": "SUBSCRIBED",
+                                "subscriptionId": 1001}, require_legal_basis=True)
+
+
 # --------------------------------------------------------------------------- against the emulator
 
 
