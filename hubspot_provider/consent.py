@@ -335,36 +335,28 @@ def _source_query(
     ]
 
 
-def _later_query(
-    table: str, conn_type: str, placeholder: str, since: datetime, start: datetime | None = None
-) -> tuple[str, list[Any]]:
+def _later_query(table: str, conn_type: str, placeholder: str, since: datetime) -> tuple[str, list[Any]]:
     """The source's events from a day before ``since`` onwards (the exact test is made in Python).
 
-    Typed timestamp columns (every database but SQLite) push the check down: the database keeps only
-    the later events of contacts the interval ``[start, since)`` holds (a semi-join) and returns the
-    latest one per (email, subscription) and kind (an opt-out from all email, or any other), so a
-    backfill of an old day reads from the source about as many rows as the day has keys, however
-    many days of events came after it. (An index on ``occurred_at`` lets the database find both sides.)
+    Typed timestamp columns (every database but SQLite) push the reduction down: the database returns
+    the latest event per (email as stored, subscription) and kind (an opt-out from all email, or any
+    other) instead of every later event, so a backfill reads about as many rows as there are keys
+    since its interval, not events. (An index on ``occurred_at`` lets the database find them.)
     SQLite keeps timestamps as text whose offsets vary, so its latest text is not its latest
     instant: its later events are streamed and compared in Python.
     """
     where = f"occurred_at >= {placeholder}"
     bound: Any = since - timedelta(days=1)
-    if conn_type == "sqlite" or start is None:
-        # (Without an interval, as for a replay of dead letters from many days, every later event
-        # is read: the pushdown's semi-join needs the interval's contacts.)
-        if conn_type == "sqlite":
-            bound = bound.date().isoformat()
+    if conn_type == "sqlite":
+        bound = bound.date().isoformat()
         return f"SELECT email, subscription_id, status, occurred_at FROM {table} WHERE {where}", [bound]
-    low = start - timedelta(days=1)
+    # Grouped by the email as stored: Python then normalises each variant (case, any whitespace)
+    # the same way as the interval's rows, which SQL's trim() would not.
     kind = f"CASE WHEN status = '{UNSUBSCRIBE_ALL}' THEN '{UNSUBSCRIBE_ALL}' ELSE 'LATER' END"
-    contact = "lower(trim(email))"
     return (
-        f"SELECT min(email), subscription_id, {kind}, max(occurred_at) FROM {table} "
-        f"WHERE {where} AND {contact} IN (SELECT {contact} FROM {table} "
-        f"WHERE occurred_at >= {placeholder} AND occurred_at < {placeholder}) "
-        f"GROUP BY {contact}, subscription_id, {kind}",
-        [bound, low, since + timedelta(days=1)],
+        f"SELECT email, subscription_id, {kind}, max(occurred_at) FROM {table} WHERE {where} "
+        f"GROUP BY email, subscription_id, {kind}",
+        [bound],
     )
 
 
@@ -540,12 +532,11 @@ class _LatestPerKey:
         return None if at_us is None else _EPOCH + timedelta(microseconds=at_us)
 
     def mark_changed_since(
-        self, hook: Any, conn_type: str, table: str, placeholder: str, since: datetime, fetch_size: int,
-        start: datetime | None = None,
+        self, hook: Any, conn_type: str, table: str, placeholder: str, since: datetime, fetch_size: int
     ) -> int:
         """Read the source's events from ``since`` on (see :func:`_later_query`) and mark every key
         they overtake; returns how many rows the source sent."""
-        sql, parameters = _later_query(table, conn_type, placeholder, since, start)
+        sql, parameters = _later_query(table, conn_type, placeholder, since)
         rows = _iter_source_rows(hook, conn_type, sql, parameters, fetch_size)
         read = 0
         for email, subscription_id, status, occurred_at in rows:
@@ -687,8 +678,7 @@ def extract_consent_events(
             counts["unplaceable"], counts["undecodable"] = unplaceable.count, undecodable.count
             later_rows_read = 0
             if later_events_supersede and latest.added:
-                later_rows_read = latest.mark_changed_since(hook, conn_type, table, placeholder, end, fetch_size,
-                                                            start)
+                later_rows_read = latest.mark_changed_since(hook, conn_type, table, placeholder, end, fetch_size)
             superseded_later = latest.superseded_later()
             staged_file.parent.mkdir(parents=True, exist_ok=True)
             with staged_file.open("w", encoding="utf-8") as handle:

@@ -149,6 +149,23 @@ def test_postgres_extract_with_aware_and_naive_timestamp_columns(postgres, tmp_p
         execute(postgres, f"DROP TABLE {table}")
 
 
+def test_postgres_a_later_event_counts_whatever_whitespace_or_case_its_email_carries(postgres, tmp_path):
+    table = table_name("consent_events")
+    execute(
+        postgres,
+        f"CREATE TABLE {table} (email TEXT, subscription_id BIGINT, status TEXT, legal_basis TEXT, "
+        "legal_basis_explanation TEXT, occurred_at TIMESTAMPTZ)",
+        rows=[("ada@example.com\t", 1001, "SUBSCRIBED", None, None, "2026-03-10T10:00:00Z"),
+              ("ADA@example.com", 1001, "UNSUBSCRIBED", None, None, "2026-03-12T10:00:00Z")],
+        insert=f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s, %s)",
+    )
+    try:
+        counts = extract("pg_source", table, tmp_path / "run")
+    finally:
+        execute(postgres, f"DROP TABLE {table}")
+    assert (counts["in_interval"], counts["superseded_later"], counts["staged"]) == (1, 1, 0)
+
+
 def test_mariadb_extract_with_datetime_columns(mariadb, tmp_path):
     table = table_name("consent_events")
     execute(

@@ -57,7 +57,7 @@ def main() -> None:
         cursor.execute(f"ANALYZE {table}")
     streamed = consent._later_query
 
-    def streaming(table_: str, conn_type: str, placeholder: str, since: datetime, start: datetime | None = None):
+    def streaming(table_: str, conn_type: str, placeholder: str, since: datetime):
         return streamed(table_, "sqlite", placeholder, since)[0], [since - timedelta(days=1)]
 
     results = []
