@@ -132,7 +132,7 @@ def ledger_record(
         run_id, as_text(data_interval_start), as_text(data_interval_end),
         get("subscriberIdString"), get("subscriptionId"), get("channel", "EMAIL"), get("statusState"),
         get("legalBasis"), get("legalBasisExplanation"),
-        occurred_at if occurred_at is None or type(occurred_at) is str else as_text(occurred_at),
+        as_text(occurred_at),
         None if sent_at is None else _iso(sent_at), outcome.attempts, SUCCEEDED if failure is None else FAILED,
         correlation_id=outcome.correlation_id,
     )

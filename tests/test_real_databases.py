@@ -13,6 +13,7 @@ import json
 import os
 import tracemalloc
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -88,6 +89,23 @@ def execute(conn, *statements: str, rows: list[tuple] | None = None, insert: str
         cursor.close()
 
 
+@contextmanager
+def consent_table(conn, timestamp_type: str, rows: list[tuple], *, text: str = "TEXT"):
+    """A source-contract table holding ``rows`` (email, subscription_id, status, occurred_at); dropped after."""
+    table = table_name("consent_events")
+    execute(
+        conn,
+        f"CREATE TABLE {table} (email {text}, subscription_id BIGINT, status {text}, legal_basis {text}, "
+        f"legal_basis_explanation TEXT, occurred_at {timestamp_type})",
+        rows=[(email, sid, status, None, None, at) for email, sid, status, at in rows],
+        insert=f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s, %s)",
+    )
+    try:
+        yield table
+    finally:
+        execute(conn, f"DROP TABLE {table}")
+
+
 def staged(run: Path) -> dict[str, str]:
     lines = (run / "staged" / "events.jsonl").read_text().splitlines()
     return {f"{e['input']['subscriberIdString']}/{e['input'].get('subscriptionId')}": e["input"]["statusState"]
@@ -128,61 +146,32 @@ EXPECTED = {"ada@example.com/1001": "UNSUBSCRIBED", "bob@example.com/1001": "SUB
 
 @pytest.mark.parametrize("column", ["TIMESTAMPTZ", "TIMESTAMP"])
 def test_postgres_extract_with_aware_and_naive_timestamp_columns(postgres, tmp_path, column):
-    table = table_name("consent_events")
-    execute(
-        postgres,
-        f"CREATE TABLE {table} (email TEXT, subscription_id BIGINT, status TEXT, legal_basis TEXT, "
-        f"legal_basis_explanation TEXT, occurred_at {column})",
-        rows=[(e, s, st, None, None, at) for e, s, st, at in day_rows(naive=column == "TIMESTAMP")],
-        insert=f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s, %s)",
-    )
-    try:
+    with consent_table(postgres, column, day_rows(naive=column == "TIMESTAMP")) as table:
         run = tmp_path / "run"
         counts = extract("pg_source", table, run)
         assert staged(run) == EXPECTED
         assert (counts["in_interval"], counts["superseded"], counts["superseded_later"], counts["unplaceable"]) == (
             6, 1, 2, 1)
-        # The check is pushed down: one row per key and kind of the interval's contacts, from a day
-        # before the interval's end on (the slack for naive columns), not every later event.
+        # The check is pushed down: one row per (email, subscription, kind) from a day before the
+        # interval's end on (the slack for naive columns), not every later event.
         assert counts["later_rows_read"] == 7
-    finally:
-        execute(postgres, f"DROP TABLE {table}")
 
 
 def test_postgres_a_later_event_counts_whatever_whitespace_or_case_its_email_carries(postgres, tmp_path):
-    table = table_name("consent_events")
-    execute(
-        postgres,
-        f"CREATE TABLE {table} (email TEXT, subscription_id BIGINT, status TEXT, legal_basis TEXT, "
-        "legal_basis_explanation TEXT, occurred_at TIMESTAMPTZ)",
-        rows=[("ada@example.com\t", 1001, "SUBSCRIBED", None, None, "2026-03-10T10:00:00Z"),
-              ("ADA@example.com", 1001, "UNSUBSCRIBED", None, None, "2026-03-12T10:00:00Z")],
-        insert=f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s, %s)",
-    )
-    try:
+    rows = [("ada@example.com\t", 1001, "SUBSCRIBED", "2026-03-10T10:00:00Z"),
+            ("ADA@example.com", 1001, "UNSUBSCRIBED", "2026-03-12T10:00:00Z")]
+    with consent_table(postgres, "TIMESTAMPTZ", rows) as table:
         counts = extract("pg_source", table, tmp_path / "run")
-    finally:
-        execute(postgres, f"DROP TABLE {table}")
     assert (counts["in_interval"], counts["superseded_later"], counts["staged"]) == (1, 1, 0)
 
 
 def test_mariadb_extract_with_datetime_columns(mariadb, tmp_path):
-    table = table_name("consent_events")
-    execute(
-        mariadb,
-        f"CREATE TABLE {table} (email VARCHAR(254), subscription_id BIGINT, status VARCHAR(20), "
-        "legal_basis VARCHAR(40), legal_basis_explanation TEXT, occurred_at DATETIME(6))",
-        rows=[(e, s, st, None, None, at) for e, s, st, at in day_rows(naive=True)],
-        insert=f"INSERT INTO {table} VALUES (%s, %s, %s, %s, %s, %s)",
-    )
-    try:
+    with consent_table(mariadb, "DATETIME(6)", day_rows(naive=True), text="VARCHAR(254)") as table:
         run = tmp_path / "run"
         counts = extract("mariadb_source", table, run)
         assert staged(run) == EXPECTED
         assert (counts["in_interval"], counts["superseded_later"], counts["unplaceable"]) == (6, 2, 1)
         assert counts["later_rows_read"] == 7
-    finally:
-        execute(mariadb, f"DROP TABLE {table}")
 
 
 def test_postgres_extract_streams_a_million_rows_through_a_server_side_cursor_in_flat_memory(postgres, tmp_path):

@@ -41,6 +41,7 @@ from hubspot_provider.hooks._guard import (
     needs_read,
 )
 from hubspot_provider.hooks._pacer import RateLimitPacer
+from hubspot_provider.ledger import as_text
 from hubspot_provider.hooks._transport import (
     DEFAULT_MAX_RESPONSE_BYTES,
     Auth,
@@ -636,10 +637,10 @@ class HubSpotHook(BaseHook):
                 sub, wide = current_of(wire)
                 if sub is not None and sub.source in own.sources and sub.subscriber_id_string:
                     candidates.add((sub.subscriber_id_string.lower(), sub.subscription_id,
-                                    _enum_value(sub.status), _iso_text(sub.timestamp)))
+                                    _enum_value(sub.status), as_text(sub.timestamp)))
                 if wide is not None:
                     candidates.add((str(wide.subscriber_id_string or "").lower(), None, "UNSUBSCRIBED",
-                                    _iso_text(wide.timestamp)))
+                                    as_text(wide.timestamp)))
         explained = own.explained(sorted(candidates, key=str)) if own.ledger is not None else None
 
         verdicts: list[Verdict | None] = []
@@ -662,13 +663,13 @@ class HubSpotHook(BaseHook):
             current_sub = current_wide = None
             if sub is not None:
                 key = ((sub.subscriber_id_string or email).lower(), sub.subscription_id, _enum_value(sub.status),
-                       _iso_text(sub.timestamp))
+                       as_text(sub.timestamp))
                 own_write = sub.source in own.sources and (explained is None or key in explained)
                 current_sub = Current(_enum_value(sub.status), _as_datetime(sub.timestamp), sub.source,
                                       hubspot_side=not own_write)
             if wide is not None:
                 email = str(wide.subscriber_id_string or "").lower()
-                stamp = _iso_text(wide.timestamp)
+                stamp = as_text(wide.timestamp)
                 if email in own.opted_out_of_all:
                     own_wide = True  # this run's own opt-out from all email
                 elif explained is not None:
@@ -676,7 +677,7 @@ class HubSpotHook(BaseHook):
                 else:
                     # An opt-out from all email carries no source; HubSpot stamps the contact's
                     # subscriptions with it. Stamped the same instant by this provider's source: its own.
-                    own_wide = any(s.source in own.sources and _iso_text(s.timestamp) == stamp
+                    own_wide = any(s.source in own.sources and as_text(s.timestamp) == stamp
                                    for s in statuses.get(email, {}).values())
                 current_wide = Current("UNSUBSCRIBED", _as_datetime(wide.timestamp), None,
                                        hubspot_side=not own_wide, wide=True)
@@ -849,9 +850,3 @@ def _as_datetime(value: Any) -> datetime | None:
 def _newer(a: Any, b: Any) -> bool:
     a, b = _as_datetime(a), _as_datetime(b)
     return b is None or (a is not None and a > b)
-
-
-def _iso_text(value: Any) -> str | None:
-    if isinstance(value, datetime):
-        return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-    return None if value is None else str(value)

@@ -54,7 +54,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from http import HTTPStatus
@@ -250,6 +250,19 @@ def _email_error(value: Any) -> dict[str, Any]:
         "errors": [],
         "links": {},
     }
+
+
+def _contacts(inputs: list[Any], errors: list[dict[str, Any]]) -> Iterator[str]:
+    """Each valid email of a batch's inputs once, lower-cased; an error for each invalid one."""
+    seen: set[str] = set()
+    for email in inputs:
+        if not is_valid_email(email):
+            errors.append(_email_error(email))
+            continue
+        lowered = email.lower()
+        if lowered not in seen:
+            seen.add(lowered)
+            yield lowered
 
 
 def _envelope(
@@ -1144,16 +1157,8 @@ class HubSpotEmulator:
         inputs, _params = checked
         results: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
-        seen: set[str] = set()
         with self._lock:
-            for email in inputs:
-                if not is_valid_email(email):
-                    errors.append(_email_error(email))
-                    continue
-                lowered = email.lower()
-                if lowered in seen:
-                    continue
-                seen.add(lowered)
+            for lowered in _contacts(inputs, errors):
                 statuses = [
                     dict(record)
                     for sid in self._definitions
@@ -1203,17 +1208,9 @@ class HubSpotEmulator:
         verbose = (params.get("verbose") or ["false"])[-1].lower() == "true"
         results: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
-        seen: set[str] = set()
         with self._lock:
             stamp = _iso(time.time())
-            for email in inputs:
-                if not is_valid_email(email):
-                    errors.append(_email_error(email))
-                    continue
-                lowered = email.lower()
-                if lowered in seen:
-                    continue
-                seen.add(lowered)
+            for lowered in _contacts(inputs, errors):
                 statuses = self._unsubscribe_all_locked(lowered, _SOURCE, stamp)
                 results.append({"subscriberIdString": lowered, "statuses": statuses if verbose else []})
             self._writes_applied += len(results)
@@ -1232,16 +1229,8 @@ class HubSpotEmulator:
         inputs, _params = checked
         results: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
-        seen: set[str] = set()
         with self._lock:
-            for email in inputs:
-                if not is_valid_email(email):
-                    errors.append(_email_error(email))
-                    continue
-                lowered = email.lower()
-                if lowered in seen:
-                    continue
-                seen.add(lowered)
+            for lowered in _contacts(inputs, errors):
                 wide = self._wide_statuses.get((lowered, "EMAIL"))
                 results.append({"subscriberIdString": lowered, "wideStatuses": [dict(wide)] if wide else []})
         payload = _envelope(started, results, errors)
