@@ -57,6 +57,26 @@ def test_airflow_lists_the_provider_and_hook(airflow_cli):
     assert ours[0]["conn_id_attribute_name"] == "hubspot_conn_id"
 
 
+def test_airflow_shows_the_providers_config_and_plugin(airflow_cli):
+    # Declared in the provider info, the option has a default and a description in Airflow's listing.
+    assert airflow_cli("config", "get-value", "hubspot", "task_retries").strip() == "2"
+    configs = airflow_cli("providers", "configs", "-o", "json")
+    assert "task_retries" in configs and "hubspot_consent_sync" in configs
+    (info,) = json.loads(airflow_cli("providers", "get", "hubspot-provider", "--full", "-o", "json"))
+    assert info["plugins"] == [{"name": "hubspot_provider", "plugin-class": "hubspot_provider.plugins.HubSpotPlugin"}]
+    # Loaded once (through its entry point), with the pool listener and the connection-form middleware.
+    plugins = [p for p in json.loads(airflow_cli("plugins", "-o", "json")) if p["name"] == "hubspot_provider"]
+    assert len(plugins) == 1
+    assert plugins[0]["listeners"] == ["hubspot_provider.plugins._PoolListener"]
+    assert [m["name"] for m in plugins[0]["fastapi_root_middlewares"]] == ["hubspot_connection_form"]
+
+
+def test_the_connection_form_fields_are_registered(airflow_cli):
+    widgets = airflow_cli("providers", "widgets", "-o", "json")
+    for field in ("api_version", "portal_timezone", "oauth_token_path", "client_secret"):
+        assert f"extra__hubspot__{field}" in widgets
+
+
 def test_connections_add_keeps_the_hubspot_type(airflow_cli):
     airflow_cli("db", "migrate")
     airflow_cli(

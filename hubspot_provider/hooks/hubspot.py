@@ -696,16 +696,31 @@ class HubSpotHook(BaseHook):
         """Check every setting, then list subscription definitions (Airflow's ``(ok, message)`` convention).
 
         Needs ``communication_preferences.read`` or ``.read_write``; writing needs
-        ``communication_preferences.statuses.batch.write`` besides (see :data:`SCOPES`).
+        ``communication_preferences.statuses.batch.write`` besides (see :data:`SCOPES`). The message
+        is written for the connection form: it names the connection being tested (Airflow's test
+        endpoint tests a copy under a random id) and the form's *Access token* field.
         """
         try:
             definitions = self.get_subscription_definitions()
         except Exception as exc:  # noqa: BLE001 - the UI shows the message
-            return False, self.redact(str(exc)) or type(exc).__name__
+            return False, self._for_the_form(self.redact(str(exc)) or type(exc).__name__)
+        settings = self.settings
         return True, (
-            f"Connected to HubSpot ({self.api_version}): {len(definitions)} subscription definitions. "
+            f"Connected to HubSpot at {settings.base_url} ({settings.api_version}, portal time zone "
+            f"{settings.portal_timezone.key}): {len(definitions)} subscription definitions. "
             f"Writing statuses also needs the scope {WRITE_SCOPE}"
         )
+
+    def _for_the_form(self, message: str) -> str:
+        from hubspot_provider._connection_form import tested_connection_id
+
+        tested = tested_connection_id.get()
+        if tested and tested != self.hubspot_conn_id:
+            message = message.replace(repr(self.hubspot_conn_id), repr(tested))
+        # The form labels the password field "Access token"; the CLI and JSON call it password.
+        for said in ("in the connection's password", "in the password"):
+            message = message.replace(said, "in the Access token field (the connection's password)")
+        return message
 
     # ------------------------------------------------------------------ the workhorse
 

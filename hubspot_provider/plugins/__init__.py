@@ -1,10 +1,15 @@
-"""Airflow plugin of the provider: creates the ``hubspot_api`` pool when an Airflow component starts.
+"""Airflow plugin of the provider: the ``hubspot_api`` pool, and a connection form that works.
 
-The scheduler never queues a task whose pool does not exist, and Airflow 3 workers may not touch the
-metadata database, so a task cannot create the pool itself on a real deployment. Components that
-run as jobs (scheduler, DAG processor, triggerer) do have database access: when one starts, this
-listener creates the pool with its default size if nobody has created it yet. An existing pool is
-never changed, so an admin's ``airflow pools set hubspot_api <slots> …`` always wins.
+**The pool.** The scheduler never queues a task whose pool does not exist, and Airflow 3 workers may
+not touch the metadata database, so a task cannot create the pool itself on a real deployment.
+Components that run as jobs (scheduler, DAG processor, triggerer) do have database access: when one
+starts, this listener creates the pool with its default size if nobody has created it yet. An
+existing pool is never changed, so an admin's ``airflow pools set hubspot_api <slots> …`` always wins.
+
+**The connection form.** In the API server,
+:class:`~hubspot_provider._connection_form.ConnectionFormMiddleware` puts right what Airflow's
+connection form sends for a ``hubspot`` connection (port 0 on *Test*, empty and default extras on
+*Save*), so that a connection made in the UI saves clean and tests green.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from typing import Any
 
 from airflow.listeners import hookimpl
 from airflow.plugins_manager import AirflowPlugin
+
+from hubspot_provider._connection_form import ConnectionFormMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +42,10 @@ class _PoolListener:
 
 
 class HubSpotPlugin(AirflowPlugin):
-    """Registers the pool listener (an ``airflow.plugins`` entry point: installing the provider enables it)."""
+    """The pool listener and the connection-form middleware (installing the provider enables both)."""
 
     name = "hubspot_provider"
     listeners = [_PoolListener()]
+    fastapi_root_middlewares = [
+        {"name": "hubspot_connection_form", "middleware": ConnectionFormMiddleware},
+    ]
