@@ -1,6 +1,6 @@
 """Keep HubSpot email subscription statuses in step with a SQL consent table, one data interval per run.
 
-``extract → validate → submit → branch_on_outcome → report | summarise_dead_letters``
+``extract → validate → shard → submit (one per shard) → branch_on_outcome → report | summarise_dead_letters``
 
 * **extract** reads the events of the run's data interval ``[data_interval_start, data_interval_end)``
   (UTC) from ``source_table`` through any Airflow SQL connection, keeps the latest event per
@@ -8,17 +8,22 @@
   source changed again after the interval is left to that later event (and its own run).
 * **validate** checks each staged event; invalid ones become dead letters (``INVALID_INPUT``). A
   ``status`` of ``UNSUBSCRIBE_ALL`` opts the contact out of all email (``subscription_id`` may be NULL).
+* **shard** splits a day of more than ``shard_size`` valid statuses into shards, by a stable hash of
+  each contact's email, so each contact's statuses (and its opt-out from all email, first) stay in one
+  shard and in order. A smaller day is one shard. **submit** is mapped over the shards (dynamic task
+  mapping): several workers write a big day, each shard with its own checkpoint, dead-letter and
+  ledger parts, so a retry resumes that shard only.
 * Before writing, **submit** reads HubSpot's current statuses where a write could (re)subscribe a
   contact: with ``hubspot_changes=respect_opt_outs`` (the default) an opt-out made inside HubSpot
   after the source event wins, and the write is withheld and reported. ``dry_run`` writes nothing and
   leaves the plan under ``<run>/plan/``.
 * **submit** writes the valid ones with ``HubSpotWriteStatusesOperator`` through the ``hubspot_api``
-  pool, which caps concurrent writers across runs and workers. The provider's plugin creates the
+  pool, which caps concurrent writers (shards) across runs and workers. The provider's plugin creates the
   pool (2 slots) when the scheduler starts if nobody has; resize it with ``airflow pools set``. It
   defers while a long rate-limit wait passes (a triggerer must be running) and resumes from its
   checkpoint after a failed try.
-* **branch_on_outcome**: no failures at all → **report**; some → **summarise_dead_letters**, which
-  counts the dead letters by category, alerts (task log, and the ``ALERT_NOTIFIERS`` below), and fails
+* **branch_on_outcome**: no failures at all (in any shard) → **report**; some →
+  **summarise_dead_letters**, which counts the dead letters by category, alerts (task log, and the ``ALERT_NOTIFIERS`` below), and fails
   the run when more than ``max_failed_ratio`` of the events failed.
 
 Daily runs cover one UTC day: a scheduled or backfill run for logical date D syncs day D, and
@@ -87,6 +92,13 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
         ),
         "batch_size": Param(
             100, type="integer", minimum=1, maximum=1000, description="Inputs per HubSpot request."
+        ),
+        "shard_size": Param(
+            consent.DEFAULT_SHARD_SIZE,
+            type="integer",
+            minimum=1,
+            description="Valid statuses per shard: a bigger day is split by contact into shards written by "
+            "parallel submit tasks through the hubspot_api pool; a day up to this size is one shard.",
         ),
         "max_failed_ratio": Param(
             0.25,
@@ -166,9 +178,16 @@ def hubspot_consent_sync() -> None:
         """Keep what HubSpot would accept; the rest becomes INVALID_INPUT dead letters."""
         return consent.validate_staged_events(extracted["run_uri"])
 
+    @task
+    def shard(validated: dict[str, Any], params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Split the validated statuses into shards of about shard_size, each contact's in one shard."""
+        return consent.shard_validated(validated, shard_size=params["shard_size"], dry_run=params["dry_run"])
+
+    # ``submitted`` below is every shard's summary (a list, in shard order); the consent functions
+    # add them up, so the run's summary is one set of counts however many shards wrote the day.
     @task.branch
     def branch_on_outcome(
-        extracted: dict[str, Any], validated: dict[str, Any], submitted: dict[str, Any]
+        extracted: dict[str, Any], validated: dict[str, Any], submitted: list[dict[str, Any]]
     ) -> str:
         """``report`` when every event landed, ``summarise_dead_letters`` otherwise."""
         if consent.has_failures(extracted, validated, submitted):
@@ -177,7 +196,7 @@ def hubspot_consent_sync() -> None:
 
     @task(multiple_outputs=False)
     def report(
-        extracted: dict[str, Any], validated: dict[str, Any], submitted: dict[str, Any]
+        extracted: dict[str, Any], validated: dict[str, Any], submitted: list[dict[str, Any]]
     ) -> dict[str, Any]:
         """Log the run's counts and write its summary.json."""
         return consent.report_run(extracted, validated, submitted)
@@ -186,7 +205,7 @@ def hubspot_consent_sync() -> None:
     def summarise_dead_letters(
         extracted: dict[str, Any],
         validated: dict[str, Any],
-        submitted: dict[str, Any],
+        submitted: list[dict[str, Any]],
         params: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Count dead letters by category, alert, and fail the run above max_failed_ratio."""
@@ -202,25 +221,24 @@ def hubspot_consent_sync() -> None:
 
     extracted = extract()
     validated = validate(extracted)
-    submit = HubSpotWriteStatusesOperator(
+    shards = shard(validated)
+    # One write task per shard; each shard's dict carries its input_uri and input_count (what validate
+    # counted), dead_letter_uri and ledger_uri.
+    submit = HubSpotWriteStatusesOperator.partial(
         task_id="submit",
-        input_uri="{{ ti.xcom_pull(task_ids='validate')['validated_uri'] }}",
-        dead_letter_uri="{{ ti.xcom_pull(task_ids='validate')['dead_letter_uri'] }}",
-        ledger_uri="{{ ti.xcom_pull(task_ids='validate')['ledger_uri'] }}",
         audit_conn_id="{{ params.audit_conn_id or '' }}",
         audit_table="{{ params.audit_table }}",
         hubspot_conn_id="{{ params.hubspot_conn_id }}",
         batch_size="{{ params.batch_size }}",
-        max_failed_ratio=None,  # one policy per run, applied by the outcome task over everything
+        max_failed_ratio=None,  # one policy per run, applied by the outcome task over every shard
         inputs_validated=True,  # validate wrote them: they are sent as they are
-        input_count="{{ ti.xcom_pull(task_ids='validate')['valid'] }}",  # validate counted them
         hubspot_changes="{{ params.hubspot_changes }}",
         dry_run="{{ params.dry_run }}",
         deferrable=True,
         pool=consent.HUBSPOT_POOL,
         on_failure_callback=ALERT_NOTIFIERS,
-    )
-    validated >> submit
+        map_index_template="{{ task.input_uri.rstrip('/').rsplit('/', 1)[-1] }}",
+    ).expand_kwargs(shards)
     submitted = submit.output
     outcome = branch_on_outcome(extracted, validated, submitted)
     outcome >> [

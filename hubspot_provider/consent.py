@@ -8,6 +8,9 @@ A run keeps its files under ``<storage_uri>/<run id>/`` (any Airflow object-stor
     staged/events.jsonl          latest event per (email, subscription, EMAIL) in the data interval
     validated/statuses.jsonl     the staged events that pass validation (a subscription status, or an
                                  opt-out from all email), opt-outs from all email first
+    validated/shard-NNNNN/statuses.jsonl   a big day's statuses split into shards (each contact's in one
+                                 shard, in the same order), one write task each; a day within
+                                 ``shard_size`` is one shard, the ``validated/`` folder itself
     dead-letters/*.jsonl         every event of the interval that did not land, with category and reason
     superseded/part-extract.jsonl   every event of the interval a later event of its key superseded,
                                  named with when that event happened
@@ -33,14 +36,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sqlite3
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
-from typing import IO, Any
+from typing import IO, Any, Optional, Union
 
 from airflow.sdk import BaseHook, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowFailException
@@ -48,16 +52,27 @@ from pydantic import ValidationError
 
 from hubspot_provider.models import UNSUBSCRIBE_ALL, describe_validation_error, validate_consent_input
 from hubspot_provider.results import INVALID_INPUT, WriteReport, categories_in_words, failure_ratio_exceeded, plan_in_words
-from hubspot_provider.staging import JsonlWriter, dead_letter, dumps, jsonl_files, read_objects, status_key
+from hubspot_provider.staging import (
+    SHARD_FOLDER_PREFIX,
+    JsonlWriter,
+    dead_letter,
+    dumps,
+    jsonl_files,
+    read_objects,
+    split_into_shards,
+    status_key,
+)
 
 __all__ = [
     "DEAD_LETTER_FOLDER",
+    "DEFAULT_SHARD_SIZE",
     "HUBSPOT_POOL",
     "HUBSPOT_POOL_SLOTS",
     "IDENTIFIER_PATTERN",
     "SOURCE_COLUMNS",
     "apply_failure_policy",
     "check_identifier",
+    "combine_write_summaries",
     "count_dead_letters",
     "failed_task_summary",
     "log_alert",
@@ -73,6 +88,8 @@ __all__ = [
     "run_folder",
     "run_totals",
     "safe_run_id",
+    "shard_count",
+    "shard_validated",
     "summarise_run",
     "validate_staged_events",
 ]
@@ -110,6 +127,15 @@ SUMMARY_FILE = "summary.json"
 LEDGER_FOLDER = "audit"
 REPLAY_INPUT_FOLDER = "input"
 REPLAY_INPUT_FILE = "dead-letters.jsonl"
+
+PLAN_FOLDER = "plan"
+# Statuses per shard (one mapped write task each). A day up to this size is written by one task, as
+# before sharding; a bigger one by several, through the hubspot_api pool. At HubSpot's slowest tier
+# (1,000 statuses/s for the whole app) a full shard is a writer's couple of minutes.
+DEFAULT_SHARD_SIZE = 100_000
+# Every shard is a mapped task instance and a scratch file held open while splitting; past this many,
+# shards grow instead (Airflow's own limit, core.max_map_length, is 1,024 by default).
+MAX_SHARDS = 256
 
 DEFAULT_FETCH_SIZE = 1000
 _RAW_REPR_LIMIT = 100
@@ -783,14 +809,173 @@ def validate_staged_events(
     return result
 
 
+# ---------------------------------------------------------------------------------------------- shards
+
+
+def shard_count(statuses: int, shard_size: int = DEFAULT_SHARD_SIZE) -> int:
+    """How many shards ``statuses`` are split into: ``ceil(statuses / shard_size)``, at least 1, at most
+    ``MAX_SHARDS`` (beyond that the shards grow instead).
+
+    >>> shard_count(0), shard_count(100_000), shard_count(100_001), shard_count(10**9)
+    (1, 1, 2, 256)
+    """
+    if int(shard_size) < 1:
+        raise ValueError(f"shard_size must be a positive number of statuses, got {shard_size}")
+    return max(1, min(MAX_SHARDS, math.ceil(int(statuses) / int(shard_size))))
+
+
+# Part files a write task names after its input folder: part-<folder>-<first line>[.interrupted-<n>].jsonl.
+_WRITE_PART = re.compile(
+    rf"part-({re.escape(VALIDATED_FOLDER)}|{re.escape(SHARD_FOLDER_PREFIX)}\d+)-\d+(\.interrupted-\d+)?\.jsonl"
+)
+
+
+def _remove_other_layouts_parts(folder: ObjectStoragePath, keep: set[str]) -> int:
+    """Remove write-step part files named after input folders not in ``keep`` (an earlier attempt of
+    the run split into other shards); each write task removes its own stale parts itself."""
+    removed = 0
+    if folder.is_dir():
+        for part in folder.iterdir():
+            match = _WRITE_PART.fullmatch(part.name)
+            if match and match.group(1) not in keep:
+                part.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def shard_validated(
+    validated: Mapping[str, Any], *, shard_size: int = DEFAULT_SHARD_SIZE, dry_run: bool = False
+) -> list[dict[str, Any]]:
+    """Split a run's validated statuses into shards, one mapped write task each.
+
+    A day of up to ``shard_size`` statuses is one shard: the ``validated/`` folder itself, not copied.
+    A bigger day is split into :func:`shard_count` folders ``validated/shard-NNNNN/``, by a stable hash
+    of each contact's email (:func:`~hubspot_provider.staging.shard_of`): every key of a contact, and
+    its opt-out from all email, stay in one shard in their validated order, so the last event per key
+    wins and an opt-out from all email lands before the contact's later statuses, however many
+    workers write the day. Shards are about ``shard_size`` each (a hash spreads contacts, it does not
+    count them).
+
+    Each shard's write task keeps its own checkpoint (in its folder) and names its dead-letter and
+    ledger parts after it, so a retry of one shard resumes that shard only, and a re-run rewrites
+    each shard's parts. Shard folders of an earlier attempt are removed first (with their
+    checkpoints: new shards are written from their first line), and so are the parts an earlier
+    attempt split another way wrote (a dry run touches only the plan's).
+
+    :param validated: what :func:`validate_staged_events` returned.
+    :param shard_size: statuses per shard.
+    :param dry_run: the run writes nothing; only its plan parts are the write step's to tidy.
+    :return: one dict of write-operator keyword arguments per shard (XCom-safe, small):
+        ``input_uri, input_count, dead_letter_uri, ledger_uri``; for
+        ``HubSpotWriteStatusesOperator.partial(...).expand_kwargs(...)``.
+    """
+    folder = ObjectStoragePath(str(validated["validated_uri"]))
+    valid = int(validated.get("valid") or 0)
+    shards = shard_count(valid, shard_size)
+    if folder.is_dir():
+        for child in folder.iterdir():
+            if child.name.startswith(SHARD_FOLDER_PREFIX) and child.is_dir():
+                _remove_tree(child)
+    if shards == 1:
+        layout = [(folder, valid)]
+    else:
+        layout = split_into_shards(jsonl_files(folder), folder, shards, VALIDATED_FILE)
+    run = folder.parent
+    dead_letters = str(validated.get("dead_letter_uri") or run / DEAD_LETTER_FOLDER)
+    ledger = str(validated.get("ledger_uri") or run / LEDGER_FOLDER)
+    keep = {shard.name for shard, _count in layout}
+    tidy = [run / PLAN_FOLDER] if dry_run else [ObjectStoragePath(dead_letters), ObjectStoragePath(ledger)]
+    for parts in tidy:
+        _remove_other_layouts_parts(parts, keep)
+    if shards > 1:
+        sizes = [count for _shard, count in layout]
+        log.info("Split %d validated statuses into %d shards of about %d (%d to %d each)", valid, shards,
+                 shard_size, min(sizes), max(sizes))
+    return [
+        {"input_uri": str(shard), "input_count": count, "dead_letter_uri": dead_letters, "ledger_uri": ledger}
+        for shard, count in layout
+    ]
+
+
+def _remove_tree(folder: ObjectStoragePath) -> None:
+    # Through the object-storage API only, so it works on buckets (which have no real folders) as on disk.
+    for child in folder.iterdir():
+        if child.is_dir():
+            _remove_tree(child)
+        else:
+            child.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except (OSError, NotImplementedError):
+        pass
+
+
 # ---------------------------------------------------------------------------------------------- outcome
+
+# The write step's XCom: one summary, or one per shard (a mapped task's values, in map-index order).
+WriteSummaries = Union[Mapping[str, Any], Iterable[Optional[Mapping[str, Any]]]]
+
+
+
+def combine_write_summaries(submitted: WriteSummaries | None) -> dict[str, Any]:
+    """One write summary for a run, from the summaries of its shards' write tasks.
+
+    Counts and counts by category add up (and so does the results model, ``report``); the folders
+    (``dead_letter_uri``, ``ledger_uri``, ``plan_uri``) are shared by every shard; ``elapsed_s`` is the
+    sending time summed over shards, so ``records_per_s`` is per writer. ``shards`` says how many
+    summaries there were. A single summary (an unsharded write task) is returned as it is, with
+    ``shards`` 1. Nothing per shard is kept: the run's summary stays the same size however many
+    shards wrote it.
+    """
+    if submitted is None:
+        return {}
+    if isinstance(submitted, Mapping):
+        return {"shards": 1, **submitted}
+    parts = [part for part in submitted if part]
+    if not parts:
+        return {}
+    combined: dict[str, Any] = {}
+    for part in parts:
+        combined = _add_summaries(combined, part)
+    report = WriteReport()
+    for part in parts:
+        report += run_report(part)
+    combined["report"] = report.model_dump(mode="json", exclude={"failed"})
+    elapsed = float(combined.get("elapsed_s") or 0.0)
+    combined["elapsed_s"] = round(elapsed, 3)
+    combined["records_per_s"] = round(int(combined.get("submitted") or 0) / elapsed, 1) if elapsed > 0 else 0.0
+    combined["shards"] = len(parts)
+    return combined
+
+
+def _add_summaries(total: Mapping[str, Any], part: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(total)
+    for key, value in part.items():
+        if key == "report":
+            continue
+        have = merged.get(key)
+        if isinstance(value, bool) or isinstance(have, bool):
+            merged[key] = bool(have) or bool(value)
+        elif isinstance(value, (int, float)) and isinstance(have, (int, float)):
+            merged[key] = have + value
+        elif isinstance(value, Mapping) and isinstance(have, Mapping):
+            merged[key] = _add_summaries(have, value)
+        elif have is None:
+            merged[key] = dict(value) if isinstance(value, Mapping) else value
+    return merged
+
+
 
 
 def has_failures(
-    extracted: Mapping[str, Any], validated: Mapping[str, Any], submitted: Mapping[str, Any]
+    extracted: Mapping[str, Any], validated: Mapping[str, Any], submitted: WriteSummaries
 ) -> bool:
     """Whether the run has anything to report: an event that failed (undecodable, invalid, rejected by
-    HubSpot) or rows of the source that fit no interval."""
+    HubSpot) or rows of the source that fit no interval.
+
+    :param submitted: the write task's summary, or its shards' summaries (see :func:`combine_write_summaries`).
+    """
+    submitted = combine_write_summaries(submitted)
     return bool(
         extracted.get("undecodable") or extracted.get("unplaceable") or validated.get("invalid")
         or submitted.get("failed")
@@ -846,16 +1031,17 @@ def run_report(submitted: Mapping[str, Any]) -> WriteReport:
 def run_totals(
     extracted: Mapping[str, Any],
     validated: Mapping[str, Any],
-    submitted: Mapping[str, Any] | None,
+    submitted: WriteSummaries | None,
     dead_letters: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's counts in one flat dict (what ``summary.json`` and the demo show).
 
     ``failed`` counts every event of the interval that did not land: undecodable rows, invalid input and
     HubSpot's rejections; ``failed_by_category`` merges the three. ``unplaceable`` rows belong to no
-    interval and are counted apart.
+    interval and are counted apart. ``submitted`` is the write task's summary, or its shards' summaries
+    (added up by :func:`combine_write_summaries`; ``shards`` says how many wrote the run).
     """
-    submitted = submitted or {}
+    submitted = combine_write_summaries(submitted)
     # One results model: the write step's report, plus the events that failed before it (undecodable
     # rows, invalid input) as failures of the same kind. Every count below derives from it.
     report = run_report(submitted)
@@ -892,6 +1078,7 @@ def run_totals(
         "dry_run": bool(submitted.get("dry_run")),
         "plan": submitted.get("plan"),
         "plan_uri": submitted.get("plan_uri"),
+        "shards": submitted.get("shards", 1),
         "dead_letters": (dead_letters or {}).get("total", failed),
         "dead_letter_uri": (dead_letters or {}).get("dead_letter_uri") or validated.get("dead_letter_uri"),
         "run_uri": extracted.get("run_uri"),
@@ -924,6 +1111,8 @@ def _describe(totals: Mapping[str, Any]) -> str:
         f"{totals['superseded_later']} left to later events): {totals['succeeded']} written "
         f"({totals['changed']} changed, {totals['unchanged']} unchanged), {failed}"
     )
+    if int(totals.get("shards") or 1) > 1:
+        text += f"; written by {totals['shards']} shards"
     if totals.get("withheld"):
         text += (f", {totals['withheld']} withheld because a newer change made in HubSpot wins "
                  f"({categories_in_words(totals.get('withheld_by_category'))})")
@@ -937,9 +1126,12 @@ def _describe(totals: Mapping[str, Any]) -> str:
 
 
 def report_run(
-    extracted: Mapping[str, Any], validated: Mapping[str, Any], submitted: Mapping[str, Any]
+    extracted: Mapping[str, Any], validated: Mapping[str, Any], submitted: WriteSummaries
 ) -> dict[str, Any]:
-    """The clean outcome: log the counts, write ``summary.json`` beside the run's files, return the totals."""
+    """The clean outcome: log the counts, write ``summary.json`` beside the run's files, return the totals.
+
+    :param submitted: the write task's summary, or its shards' summaries, added up.
+    """
     totals = run_totals(extracted, validated, submitted, {"total": 0, "dead_letter_uri": None})
     _write_summary(totals)
     log.info("HubSpot consent sync: %s", _describe(totals))
@@ -998,7 +1190,7 @@ def _alert(summary: Mapping[str, Any], notifiers: Sequence[Any], context: Mappin
 def summarise_run(
     extracted: Mapping[str, Any],
     validated: Mapping[str, Any],
-    submitted: Mapping[str, Any],
+    submitted: WriteSummaries,
     *,
     max_failed_ratio: float,
     max_unplaceable_rows: int | None = None,
@@ -1019,6 +1211,7 @@ def summarise_run(
     :raises AirflowFailException: after alerting, when the failure ratio is above ``max_failed_ratio``.
     """
     # Every dead letter is a failure the steps already counted: nothing is read again to count it.
+    submitted = combine_write_summaries(submitted)
     totals = run_totals(extracted, validated, submitted)
     totals["dead_letters_by_category"] = dict(totals["failed_by_category"])
     totals["dead_letters_retryable"] = int(submitted.get("retryable_failed", 0))

@@ -21,7 +21,7 @@ DAY = datetime(2026, 3, 10, tzinfo=timezone.utc)
 # `airflow dags test hubspot_consent_sync 2026-03-11` covers the last whole day before it: DAY.
 LOGICAL_DATE = DAY + timedelta(days=1)
 TASKS = {
-    "extract", "validate", "submit", "branch_on_outcome", "report", "summarise_dead_letters",
+    "extract", "validate", "shard", "submit", "branch_on_outcome", "report", "summarise_dead_letters",
 }
 CLEAN = {**dict.fromkeys(TASKS - {"summarise_dead_letters"}, "success"), "summarise_dead_letters": "skipped"}
 WITH_FAILURES = {**dict.fromkeys(TASKS - {"report"}, "success"), "report": "skipped"}
@@ -67,7 +67,7 @@ def test_consent_sync_shape(sync_dag):
     assert not dag.catchup and dag.max_active_runs <= 3
     assert dag.start_date < datetime.now(timezone.utc)
     downstream = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
-    assert "submit" in downstream["validate"]
+    assert "shard" in downstream["validate"] and downstream["shard"] == {"submit"}
     assert downstream["branch_on_outcome"] == {"report", "summarise_dead_letters"}
     assert dag.get_task("submit").pool == consent.HUBSPOT_POOL
     assert {t.task_id for t in dag.tasks if t.pool == consent.HUBSPOT_POOL} == {"submit"}
@@ -81,6 +81,7 @@ def test_consent_sync_shape(sync_dag):
         "hubspot_conn_id": "hubspot_default",
         "storage_uri": None,
         "batch_size": 100,
+        "shard_size": consent.DEFAULT_SHARD_SIZE,
         "max_failed_ratio": 0.25,
         "max_unplaceable_rows": 100,
         "audit_conn_id": None,
@@ -221,7 +222,8 @@ def run_dag(
     # leak into the next test's runs: every run states the params the tests vary.
     if dag.dag_id == "hubspot_consent_sync":
         conf = {"audit_conn_id": None, "max_unplaceable_rows": 100, "batch_size": 100,
-                "hubspot_changes": "respect_opt_outs", "dry_run": False, **conf}
+                "shard_size": consent.DEFAULT_SHARD_SIZE, "hubspot_changes": "respect_opt_outs", "dry_run": False,
+                **conf}
     dr = dag.test(logical_date=logical_date, run_after=run_after, run_conf=conf)
     return dr, {ti.task_id: str(ti.state) for ti in dr.get_task_instances()}
 
@@ -577,7 +579,7 @@ def test_hubspot_down_fails_the_run_and_a_rerun_applies_everything(
     try:
         dr, states = run_dag(sync_dag, {"storage_uri": storage.as_uri()}, run_after=run_after)
         assert states == {
-            "extract": "success", "validate": "success", "submit": "failed",
+            "extract": "success", "validate": "success", "shard": "success", "submit": "failed",
             "branch_on_outcome": "upstream_failed", "report": "upstream_failed",
             "summarise_dead_letters": "upstream_failed",
         }
@@ -664,3 +666,156 @@ def test_backfilling_old_days_after_an_outage_never_puts_back_a_stale_status(
     run_for_day(days[0], later_events_win=False)
     assert hubspot_state(emulator) != latest_of_all_days(rows)
 
+
+
+# --------------------------------------------------------------------------- a day written by several shards
+
+
+def submit_tis(dr) -> list:
+    return sorted((ti for ti in dr.get_task_instances() if ti.task_id == "submit"), key=lambda ti: ti.map_index)
+
+
+def test_a_day_split_into_shards_ends_with_every_key_at_its_latest_event(
+    airflow_db, sync_dag, hubspot_emulator_factory, hubspot_conn, consent_source, storage
+):
+    emulator = hubspot_emulator_factory()
+    hubspot_conn(emulator)
+    emulator.footer_unsubscribe("late@example.com", 1001, at=DAY + timedelta(hours=20))
+
+    def hour(h: int) -> str:
+        return (DAY + timedelta(hours=h)).strftime("%Y-%m-%d %H:%M:%S")
+
+    good = day_events(40)  # three events per key, in mixed case and offsets
+    rows = good + [
+        # An opt-out from all email between two of the contact's events: the earlier opt-in is
+        # superseded by it, the later one must land after it, in the same shard.
+        ("all@example.com", 1002, "SUBSCRIBED", None, None, hour(9)),
+        ("ALL@example.com", None, "UNSUBSCRIBE_ALL", None, None, hour(12)),
+        ("all@example.com", 1003, "SUBSCRIBED", None, None, hour(15)),
+        ("late@example.com", 1001, "SUBSCRIBED", None, None, hour(10)),  # a newer footer opt-out wins
+        ("unknown-sub@example.com", 4242, "SUBSCRIBED", None, None, hour(9)),  # HubSpot rejects it
+        ("not-an-email", 1001, "SUBSCRIBED", None, None, hour(9)),  # never reaches a shard
+    ]
+    consent_source(rows)
+    conf = {"storage_uri": storage.as_uri(), "shard_size": 10}
+    run_after = datetime(2026, 3, 11, 5, tzinfo=timezone.utc)
+
+    dr, states = run_dag(sync_dag, conf, run_after=run_after)
+
+    assert states == WITH_FAILURES and str(dr.state) == "success"
+    folder = run_files(storage, dr)
+    summary = json.loads((folder / "summary.json").read_text())
+    # 40 + 2 + 1 + 1 valid statuses, 10 a shard: five shards, each written by its own task.
+    shards = consent.shard_count(44, 10)
+    assert shards == 5 and summary["shards"] == shards and summary["valid"] == 44
+    tis = submit_tis(dr)
+    assert [ti.map_index for ti in tis] == list(range(shards))
+    assert {str(ti.state) for ti in tis} == {"success"}
+    shard_files = sorted((folder / "validated").glob("shard-*/statuses.jsonl"))
+    assert [p.parent.name for p in shard_files] == [f"shard-{i:05d}" for i in range(shards)]
+    assert not list((folder / "validated").glob("shard-*/_checkpoint.json"))  # each shard finished
+
+    # Every key at its latest event; the opt-out from all email landed before the contact's later opt-in.
+    state = hubspot_state(emulator)
+    assert {key: value for key, value in state.items() if key[0].startswith("user")} == expected_latest(good)
+    assert emulator.wide_status_of("all@example.com")["status"] == "UNSUBSCRIBED"
+    assert state[("all@example.com", 1002, "EMAIL")] == "UNSUBSCRIBED"
+    assert state[("all@example.com", 1003, "EMAIL")] == "SUBSCRIBED"
+    assert state[("late@example.com", 1001, "EMAIL")] == "UNSUBSCRIBED"
+    assert emulator.status_of("unknown-sub@example.com", 4242) is None
+
+    # Every input accounted for once, over all shards.
+    assert summary["events_in_interval"] == 40 * 3 + 6
+    assert summary["inputs"] == summary["staged"] == 45
+    assert summary["events_in_interval"] == summary["inputs"] + summary["superseded"] + summary["superseded_later"]
+    assert summary["superseded"] == 40 * 2 + 1
+    assert (summary["succeeded"], summary["failed"], summary["withheld"]) == (42, 2, 1)
+    assert summary["inputs"] == summary["succeeded"] + summary["failed"] + summary["withheld"]
+    assert summary["failed_by_category"] == {"INVALID_INPUT": 1, "OBJECT_NOT_FOUND": 1}
+    assert summary["withheld_by_category"] == {"NEWER_OPT_OUT_IN_HUBSPOT": 1}
+    # The summary is one set of counts, whatever the number of shards.
+    assert "shard-0" not in json.dumps(summary) and len(json.dumps(summary)) < 4000
+    assert "@example.com" not in json.dumps(xcom_values(dr), default=str).lower()
+
+    # Each contact is in exactly one shard, and its lines kept their order there.
+    contact_shards: dict[str, set[str]] = {}
+    for path in shard_files:
+        lines = [json.loads(line)["input"] for line in path.read_text().splitlines()]
+        for line in lines:
+            contact_shards.setdefault(line["subscriberIdString"].lower(), set()).add(path.parent.name)
+        mine = [line["statusState"] for line in lines if line["subscriberIdString"].lower() == "all@example.com"]
+        if mine:
+            assert mine == ["UNSUBSCRIBE_ALL", "SUBSCRIBED"]
+    assert all(len(names) == 1 for names in contact_shards.values())
+    assert sum(1 for path in shard_files for _line in path.read_text().splitlines()) == 44
+    assert len({name for names in contact_shards.values() for name in names}) > 1  # really spread
+
+    # Dead letters and the ledger: each shard's parts are its own, and every contact's are in its shard's.
+    dead = {p.name: letters_of(p) for p in (folder / "dead-letters").glob("*.jsonl")}
+    assert sorted(d["category"] for part in dead.values() for d in part) == [
+        "INVALID_INPUT", "NEWER_OPT_OUT_IN_HUBSPOT", "OBJECT_NOT_FOUND"]
+    ledger_parts = sorted((folder / "audit").glob("*.jsonl"))
+    assert ledger_parts and all(p.name.startswith("part-shard-") for p in ledger_parts)
+    ledger = [record for part in ledger_parts for record in letters_of(part)]
+    assert len(ledger) == summary["ledger_records"] == 44  # every status sent or withheld
+    for part in ledger_parts:
+        shard = part.name[len("part-"):len("part-shard-00000")]
+        assert all(contact_shards[r["subscriberIdString"].lower()] == {shard} for r in letters_of(part))
+    first = {
+        "summary": {k: summary[k] for k in ("succeeded", "failed", "withheld", "superseded", "inputs")},
+        "dead": sorted(json.dumps(d, sort_keys=True) for part in dead.values() for d in part),
+        "state": state,
+    }
+
+    # A re-run of the same run as one shard: same outcome; the five shards' parts and folders are gone,
+    # so nothing is listed twice.
+    dr2, states2 = run_dag(sync_dag, {**conf, "shard_size": 1000}, run_after=run_after)
+    assert dr2.run_id == dr.run_id and states2 == WITH_FAILURES
+    again = json.loads((folder / "summary.json").read_text())
+    assert again["shards"] == 1 and len(submit_tis(dr2)) == 1
+    assert {k: again[k] for k in first["summary"]} == first["summary"]
+    assert again["unchanged"] >= 40  # HubSpot already held the statuses
+    assert hubspot_state(emulator) == first["state"]
+    assert not list((folder / "validated").glob("shard-*"))
+    assert not list((folder / "dead-letters").glob("part-shard-*")) and not list((folder / "audit").glob("part-shard-*"))
+    assert sorted(json.dumps(d, sort_keys=True) for d in letters(folder / "dead-letters")) == first["dead"]
+    assert len(letters(folder / "audit")) == again["ledger_records"] == 44
+
+
+def letters_of(part: Path) -> list[dict]:
+    return [json.loads(line) for line in part.read_text().splitlines()]
+
+
+def test_a_failed_shard_retries_alone_and_resumes_from_its_own_checkpoint(
+    airflow_db, sync_dag, hubspot_emulator_factory, hubspot_conn, consent_source, storage
+):
+    emulator = hubspot_emulator_factory(rate_limit_max=1000)
+    hubspot_conn(emulator, max_retries=1)
+    rows = day_events(90, per_key=1)
+    consent_source(rows)
+    # One status per request, so a shard of 30 is two checkpointed segments (20 × batch_size lines, then
+    # 10). The first 20 writes go through; then HubSpot fails every write for a while, which fails
+    # the shard that was writing its second segment.
+    emulator.inject("slow:0", count=20)
+    emulator.inject("503", count=8)
+    submit = sync_dag.get_task("submit")
+    retries, retry_delay = submit.retries, submit.retry_delay
+    submit.retries, submit.retry_delay = 1, timedelta(0)
+    try:
+        dr, states = run_dag(sync_dag, {"storage_uri": storage.as_uri(), "shard_size": 30, "batch_size": 1,
+                                        "hubspot_changes": "source_wins"})
+    finally:
+        submit.retries, submit.retry_delay = retries, retry_delay
+
+    assert states == CLEAN and str(dr.state) == "success"
+    assert hubspot_state(emulator) == expected_latest(rows)
+    tis = submit_tis(dr)
+    assert len(tis) == 3
+    assert sorted(ti.try_number for ti in tis) == [1, 1, 2]  # only the failed shard ran again
+    summary = json.loads((run_files(storage, dr) / "summary.json").read_text())
+    assert (summary["inputs"], summary["succeeded"], summary["failed"], summary["shards"]) == (90, 90, 0, 3)
+    assert summary["ledger_records"] == len(letters(run_files(storage, dr) / "audit")) == 90
+    # The retry resumed after the failed shard's first segment: those 20 were not sent again. (Batches of
+    # the interrupted second segment that landed before the failure are sent again: at most its 10.)
+    landed = sum(1 for r in emulator.requests if r.path.endswith("/statuses/batch/write") and r.status == 200)
+    assert 90 <= landed <= 90 + 10
