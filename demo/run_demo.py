@@ -60,7 +60,7 @@ def _airflow_env(port: int, source_db: Path) -> dict[str, str]:
         # `dags test` would sit out the 5-minute retry delay of a failed task; fail fast instead.
         "AIRFLOW__HUBSPOT__TASK_RETRIES": "0",
         "AIRFLOW_CONN_HUBSPOT_DEFAULT": json.dumps({
-            "conn_type": "hubspot", "host": "127.0.0.1", "schema": "http", "port": port, "password": TOKEN,
+            "conn_type": "hubspot", "host": f"http://127.0.0.1:{port}", "password": TOKEN,
         }),
         "AIRFLOW_CONN_HUBSPOT_CONSENT_SOURCE": json.dumps({"conn_type": "sqlite", "host": str(source_db)}),
     })

@@ -113,7 +113,9 @@ class ConnectionFormMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = _route(scope.get("method", ""), scope.get("path", "")) if scope.get("type") == "http" else None
+        route = (
+            _route(scope.get("method", ""), scope.get("path", "")) if scope.get("type") == "http" else None
+        )
         if route is None:
             await self.app(scope, receive, send)
             return
@@ -138,12 +140,16 @@ class ConnectionFormMiddleware:
                 raw = json.dumps(cleaned).encode()
                 scope = dict(scope)
                 scope["headers"] = [
-                    (name, value) for name, value in scope.get("headers", []) if name.lower() != b"content-length"
+                    (name, value)
+                    for name, value in scope.get("headers", [])
+                    if name.lower() != b"content-length"
                 ] + [(b"content-length", str(len(raw)).encode())]
             if route == "test" and isinstance(body.get("connection_id"), str):
                 token = tested_connection_id.set(body["connection_id"])
         try:
-            await self.app(scope, _replay([{"type": "http.request", "body": raw, "more_body": False}], receive), send)
+            await self.app(
+                scope, _replay([{"type": "http.request", "body": raw, "more_body": False}], receive), send
+            )
         finally:
             if token is not None:
                 tested_connection_id.reset(token)

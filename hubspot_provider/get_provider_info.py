@@ -38,7 +38,8 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
     },
     "max_retries": {
         "label": "Max retries",
-        "description": "Retries per request for 429 TEN_SECONDLY_ROLLING, 5xx, timeouts and dropped connections.",
+        "description": "Retries per request for 429 TEN_SECONDLY_ROLLING, 5xx, timeouts and dropped "
+        "connections.",
         "schema": {"type": ["integer", "null"], "default": 8, "minimum": 0, "maximum": 100},
     },
     "portal_timezone": {

@@ -25,18 +25,35 @@ from hubspot_provider.hooks.hubspot import HubSpotHook
 SAVED_BY_THE_FORM = {
     "conn_type": "hubspot",
     "connection_id": "hubspot_ui",
-    "extra": json.dumps({
-        "api_version": "v4", "batch_size": 100, "timeout": 30, "deadline": 60, "max_response_bytes": 33554432,
-        "max_retries": 8, "portal_timezone": "UTC", "client_id": None, "client_secret": None,
-        "refresh_token": None,
-    }, indent=2),
+    "extra": json.dumps(
+        {
+            "api_version": "v4",
+            "batch_size": 100,
+            "timeout": 30,
+            "deadline": 60,
+            "max_response_bytes": 33554432,
+            "max_retries": 8,
+            "portal_timezone": "UTC",
+            "client_id": None,
+            "client_secret": None,
+            "refresh_token": None,
+        },
+        indent=2,
+    ),
     "host": "http://127.0.0.1:8080",
     "password": "pat-emulator-token",
 }
 # What the connection list's Test button posted for that connection once saved.
 TESTED_FROM_THE_LIST = {
-    "conn_type": "hubspot", "connection_id": "hubspot_ui", "description": "", "extra": "{}",
-    "host": "http://127.0.0.1:8080", "login": "", "password": "***", "port": 0, "schema": "",
+    "conn_type": "hubspot",
+    "connection_id": "hubspot_ui",
+    "description": "",
+    "extra": "{}",
+    "host": "http://127.0.0.1:8080",
+    "login": "",
+    "password": "***",
+    "port": 0,
+    "schema": "",
 }
 
 
@@ -70,14 +87,25 @@ def test_the_form_defaults_are_the_hooks_own():
 def test_the_form_offers_every_setting_the_readme_documents_and_no_null_choice():
     # oauth_token_path was documented but missing from the form.
     assert set(CONN_FIELDS) == {
-        "api_version", "batch_size", "timeout", "deadline", "max_response_bytes", "max_retries",
-        "portal_timezone", "client_id", "client_secret", "refresh_token", "oauth_token_path",
+        "api_version",
+        "batch_size",
+        "timeout",
+        "deadline",
+        "max_response_bytes",
+        "max_retries",
+        "portal_timezone",
+        "client_id",
+        "client_secret",
+        "refresh_token",
+        "oauth_token_path",
     }
     assert CONN_FIELDS["api_version"]["schema"]["enum"] == list(hook_module.API_VERSIONS)
     for name, field in CONN_FIELDS.items():
         assert None not in field["schema"].get("enum", []), f"{name} offers a literal null"
     assert {name for name, field in CONN_FIELDS.items() if field["schema"].get("format") == "password"} == {
-        "client_secret", "refresh_token"}
+        "client_secret",
+        "refresh_token",
+    }
 
 
 def test_scheme_and_port_are_shown_because_the_hook_honours_them():
@@ -91,11 +119,15 @@ def test_the_provider_declares_its_config_and_plugin():
     info = get_provider_info()
     option = info["config"]["hubspot"]["options"]["task_retries"]
     assert (option["type"], option["default"]) == ("integer", "2")
-    assert info["plugins"] == [{"name": "hubspot_provider", "plugin-class": "hubspot_provider.plugins.HubSpotPlugin"}]
+    assert info["plugins"] == [
+        {"name": "hubspot_provider", "plugin-class": "hubspot_provider.plugins.HubSpotPlugin"}
+    ]
     from hubspot_provider.plugins import HubSpotPlugin
 
     assert HubSpotPlugin.name == "hubspot_provider"
-    assert [m["middleware"] for m in HubSpotPlugin.fastapi_root_middlewares] == [form.ConnectionFormMiddleware]
+    assert [m["middleware"] for m in HubSpotPlugin.fastapi_root_middlewares] == [
+        form.ConnectionFormMiddleware
+    ]
 
 
 # --------------------------------------------------------------------------- cleaning what the form sends
@@ -104,18 +136,34 @@ def test_the_provider_declares_its_config_and_plugin():
 def test_saving_drops_the_forms_nulls_and_string_defaults_and_keeps_the_rest():
     cleaned = form.clean_body(SAVED_BY_THE_FORM, is_test=False)
     assert json.loads(cleaned["extra"]) == {
-        "batch_size": 100, "timeout": 30, "deadline": 60, "max_response_bytes": 33554432, "max_retries": 8,
+        "batch_size": 100,
+        "timeout": 30,
+        "deadline": 60,
+        "max_response_bytes": 33554432,
+        "max_retries": 8,
     }
     assert {k: v for k, v in cleaned.items() if k != "extra"} == {
-        k: v for k, v in SAVED_BY_THE_FORM.items() if k != "extra"}
+        k: v for k, v in SAVED_BY_THE_FORM.items() if k != "extra"
+    }
 
 
 def test_what_the_user_chose_is_kept():
-    extra = json.dumps({"api_version": "2026-03", "portal_timezone": "Europe/Berlin", "client_id": "abc",
-                        "extra__hubspot__portal_timezone": "UTC", "extra__hubspot__client_secret": "",
-                        "batch_size": 0})
+    extra = json.dumps(
+        {
+            "api_version": "2026-03",
+            "portal_timezone": "Europe/Berlin",
+            "client_id": "abc",
+            "extra__hubspot__portal_timezone": "UTC",
+            "extra__hubspot__client_secret": "",
+            "batch_size": 0,
+        }
+    )
     assert json.loads(form.clean_extra(extra)) == {
-        "api_version": "2026-03", "portal_timezone": "Europe/Berlin", "client_id": "abc", "batch_size": 0}
+        "api_version": "2026-03",
+        "portal_timezone": "Europe/Berlin",
+        "client_id": "abc",
+        "batch_size": 0,
+    }
 
 
 @pytest.mark.parametrize("extra", [None, "", "{}", "not json", "[1, 2]", '{"batch_size": 5}'])
@@ -161,9 +209,11 @@ class Downstream:
 
 def call(method: str, path: str, body: bytes, *, chunk: int | None = None) -> tuple[Downstream, list]:
     downstream = Downstream()
-    pieces = [body[i:i + chunk] for i in range(0, len(body), chunk)] if chunk else [body]
-    messages = [{"type": "http.request", "body": piece, "more_body": n < len(pieces) - 1}
-                for n, piece in enumerate(pieces)]
+    pieces = [body[i : i + chunk] for i in range(0, len(body), chunk)] if chunk else [body]
+    messages = [
+        {"type": "http.request", "body": piece, "more_body": n < len(pieces) - 1}
+        for n, piece in enumerate(pieces)
+    ]
     sent: list = []
 
     async def receive():
@@ -172,18 +222,25 @@ def call(method: str, path: str, body: bytes, *, chunk: int | None = None) -> tu
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "method": method, "path": path,
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+    }
     asyncio.run(form.ConnectionFormMiddleware(downstream)(scope, receive, send))
     return downstream, sent
 
 
 def test_the_list_test_reaches_the_api_with_no_port_and_the_users_connection_id():
-    downstream, sent = call("POST", "/api/v2/connections/test", json.dumps(TESTED_FROM_THE_LIST).encode(), chunk=7)
+    downstream, sent = call(
+        "POST", "/api/v2/connections/test", json.dumps(TESTED_FROM_THE_LIST).encode(), chunk=7
+    )
     received = json.loads(downstream.body)
     assert received["port"] is None
     assert {k: v for k, v in received.items() if k != "port"} == {
-        k: v for k, v in TESTED_FROM_THE_LIST.items() if k != "port"}
+        k: v for k, v in TESTED_FROM_THE_LIST.items() if k != "port"
+    }
     assert downstream.headers[b"content-length"] == str(len(downstream.body)).encode()
     assert downstream.tested_as == "hubspot_ui"
     assert form.tested_connection_id.get() is None  # reset after the request
@@ -191,20 +248,26 @@ def test_the_list_test_reaches_the_api_with_no_port_and_the_users_connection_id(
 
 
 def test_save_and_edit_reach_the_api_without_nulls_or_string_defaults():
-    for method, path in [("POST", "/api/v2/connections"), ("PATCH", "/airflow/api/v2/connections/hubspot_ui")]:
+    for method, path in [
+        ("POST", "/api/v2/connections"),
+        ("PATCH", "/airflow/api/v2/connections/hubspot_ui"),
+    ]:
         downstream, _ = call(method, path, json.dumps(SAVED_BY_THE_FORM).encode())
         extra = json.loads(json.loads(downstream.body)["extra"])
         assert None not in extra.values() and "api_version" not in extra and "portal_timezone" not in extra
         assert downstream.tested_as is None
 
 
-@pytest.mark.parametrize(("method", "path", "body"), [
-    ("GET", "/api/v2/connections/test", json.dumps(TESTED_FROM_THE_LIST)),  # not a route it cleans
-    ("POST", "/api/v2/variables", json.dumps(TESTED_FROM_THE_LIST)),
-    ("PATCH", "/api/v2/connections", json.dumps(TESTED_FROM_THE_LIST)),  # the bulk endpoint
-    ("POST", "/api/v2/connections/test", json.dumps({**TESTED_FROM_THE_LIST, "conn_type": "http"})),
-    ("POST", "/api/v2/connections/test", "{not json"),
-])
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/api/v2/connections/test", json.dumps(TESTED_FROM_THE_LIST)),  # not a route it cleans
+        ("POST", "/api/v2/variables", json.dumps(TESTED_FROM_THE_LIST)),
+        ("PATCH", "/api/v2/connections", json.dumps(TESTED_FROM_THE_LIST)),  # the bulk endpoint
+        ("POST", "/api/v2/connections/test", json.dumps({**TESTED_FROM_THE_LIST, "conn_type": "http"})),
+        ("POST", "/api/v2/connections/test", "{not json"),
+    ],
+)
 def test_other_requests_pass_through_byte_for_byte(method, path, body):
     downstream, _ = call(method, path, body.encode())
     assert downstream.body == body.encode()
@@ -225,10 +288,25 @@ def as_the_test_endpoint_does(extra: dict, *, host: str, password: str | None, u
     """Airflow's test endpoint: the form's body as a Connection under a random id, exported as a URI."""
     from airflow.models.connection import Connection
 
-    body = form.clean_body({"conn_type": "hubspot", "connection_id": user_id, "host": host,
-                            "password": password, "port": 0, "extra": json.dumps(extra)}, is_test=True)
-    conn = Connection(conn_id="w7mcw2il", conn_type="hubspot", host=body["host"], password=body["password"],
-                      port=body["port"], extra=body["extra"])
+    body = form.clean_body(
+        {
+            "conn_type": "hubspot",
+            "connection_id": user_id,
+            "host": host,
+            "password": password,
+            "port": 0,
+            "extra": json.dumps(extra),
+        },
+        is_test=True,
+    )
+    conn = Connection(
+        conn_id="w7mcw2il",
+        conn_type="hubspot",
+        host=body["host"],
+        password=body["password"],
+        port=body["port"],
+        extra=body["extra"],
+    )
     os.environ["AIRFLOW_CONN_W7MCW2IL"] = conn.get_uri()
     token = form.tested_connection_id.set(user_id)
     try:
@@ -240,16 +318,20 @@ def as_the_test_endpoint_does(extra: dict, *, host: str, password: str | None, u
 
 def test_a_green_test_says_where_it_connected(hubspot_emulator):
     ok, message = as_the_test_endpoint_does(
-        {"portal_timezone": "Europe/Berlin"}, host=hubspot_emulator.url, password=hubspot_emulator.token)
+        {"portal_timezone": "Europe/Berlin"}, host=hubspot_emulator.url, password=hubspot_emulator.token
+    )
     assert ok, message
-    assert message.startswith(f"Connected to HubSpot at {hubspot_emulator.url} (v4, portal time zone Europe/Berlin)")
+    assert message.startswith(
+        f"Connected to HubSpot at {hubspot_emulator.url} (v4, portal time zone Europe/Berlin)"
+    )
     assert "3 subscription definitions" in message
 
 
 @pytest.mark.parametrize("key", ["portal_timezone", "extra__hubspot__portal_timezone"])
 def test_an_unknown_time_zone_fails_the_test(hubspot_emulator, key):
     ok, message = as_the_test_endpoint_does(
-        {key: "Mars/Olympus"}, host=hubspot_emulator.url, password=hubspot_emulator.token)
+        {key: "Mars/Olympus"}, host=hubspot_emulator.url, password=hubspot_emulator.token
+    )
     assert not ok
     assert "portal_timezone 'Mars/Olympus' is not an IANA time zone" in message
     assert hubspot_emulator.requests == []  # refused before anything is sent
@@ -269,7 +351,9 @@ def test_a_failed_test_names_the_users_connection_and_the_forms_field(hubspot_em
     assert "pat-na1-not-the-token" not in message
 
 
-def test_outside_the_test_endpoint_the_connection_keeps_its_own_id(hubspot_emulator, hubspot_conn, monkeypatch):
+def test_outside_the_test_endpoint_the_connection_keeps_its_own_id(
+    hubspot_emulator, hubspot_conn, monkeypatch
+):
     conn_json = json.loads(hubspot_emulator.airflow_connection())
     conn_json["password"] = "pat-na1-not-the-token"
     monkeypatch.setenv("AIRFLOW_CONN_HUBSPOT_CLI", json.dumps(conn_json))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import http.client
 import json
+import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -1115,11 +1117,10 @@ def test_reset_forgets_wide_statuses(hubspot_emulator: HubSpotEmulator) -> None:
 
 def test_airflow_connection(hubspot_emulator: HubSpotEmulator) -> None:
     connection = json.loads(hubspot_emulator.airflow_connection("hubspot_default", base_path="/x", timeout=5))
+    # The whole URL in the host: the connection form shows it whole as the API base URL.
     assert connection == {
         "conn_type": "hubspot",
-        "host": "127.0.0.1",
-        "schema": "http",
-        "port": hubspot_emulator.port,
+        "host": f"http://127.0.0.1:{hubspot_emulator.port}",
         "password": TOKEN,
         "extra": {"base_path": "/x", "timeout": 5},
     }
@@ -1185,6 +1186,19 @@ def test_cli_serves_until_sigterm() -> None:
         match = re.fullmatch(r"HubSpot emulator listening on (http://127\.0\.0\.1:\d+)\n", line)
         assert match, line
         url = match.group(1)
+        notes = []
+        while not notes or notes[-1] != "  Stop it with Ctrl+C.":
+            notes.append(process.stdout.readline().rstrip("\n"))
+        # The token it accepts, and connections ready to paste (a local stand-in, not a HubSpot secret).
+        assert notes[0] == "  accepts the bearer token pat-cli-secret"
+        (export,) = [n for n in notes if n.strip().startswith("export ")]
+        name, _, value = shlex.split(export.strip())[1].partition("=")
+        assert name == "AIRFLOW_CONN_HUBSPOT_DEFAULT"
+        assert json.loads(value) == {
+            "conn_type": "hubspot", "host": url, "password": "pat-cli-secret", "extra": {}}
+        (add,) = [n for n in notes if n.strip().startswith("airflow connections add")]
+        assert shlex.split(add.strip())[3:] == ["hubspot_default",
+            "--conn-type", "hubspot", "--conn-host", url, "--conn-password", "pat-cli-secret"]
         response = client("pat-cli-secret").post(
             f"{url}{V4}/statuses/batch/write", json={"inputs": [status_input("ada@example.com")]}, timeout=10
         )
@@ -1198,8 +1212,18 @@ def test_cli_serves_until_sigterm() -> None:
             process.kill()
             process.communicate()
     assert process.returncode == 0
-    assert "pat-cli-secret" not in line + stdout + stderr
-    assert "ada@example.com" not in line + stdout + stderr
+    assert "pat-cli-secret" not in stdout + stderr  # printed once, at start, and nowhere else
+    assert "ada@example.com" not in line + "\n".join(notes) + stdout + stderr
+
+
+def test_cli_help_names_the_token_and_what_it_prints() -> None:
+    # Wide enough that argparse does not wrap a line inside the token.
+    result = subprocess.run([sys.executable, "-m", "hubspot_provider.testing.emulator", "--help"],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert f"the bearer token it accepts (default: {TOKEN})" in text
+    assert "prints its URL, the bearer token it accepts and a ready AIRFLOW_CONN_HUBSPOT_DEFAULT" in text
 
 
 # --------------------------------------------------------------------------- spec conformance

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,9 @@ def airflow_cli(tmp_path_factory):
     }
     airflow = str(Path(sys.executable).with_name("airflow"))
 
-    def run(*args: str) -> str:
-        done = subprocess.run([airflow, *args], env=env, capture_output=True, text=True, timeout=300)
+    def run(*args: str, **more_env: str) -> str:
+        done = subprocess.run([airflow, *args], env={**env, **more_env}, capture_output=True, text=True,
+                              timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout
 
@@ -63,7 +65,9 @@ def test_airflow_shows_the_providers_config_and_plugin(airflow_cli):
     configs = airflow_cli("providers", "configs", "-o", "json")
     assert "task_retries" in configs and "hubspot_consent_sync" in configs
     (info,) = json.loads(airflow_cli("providers", "get", "hubspot-provider", "--full", "-o", "json"))
-    assert info["plugins"] == [{"name": "hubspot_provider", "plugin-class": "hubspot_provider.plugins.HubSpotPlugin"}]
+    assert info["plugins"] == [
+        {"name": "hubspot_provider", "plugin-class": "hubspot_provider.plugins.HubSpotPlugin"}
+    ]
     # Loaded once (through its entry point), with the pool listener and the connection-form middleware.
     plugins = [p for p in json.loads(airflow_cli("plugins", "-o", "json")) if p["name"] == "hubspot_provider"]
     assert len(plugins) == 1
@@ -85,6 +89,25 @@ def test_connections_add_keeps_the_hubspot_type(airflow_cli):
     )
     stored = json.loads(airflow_cli("connections", "get", "hubspot_cli", "-o", "json"))
     assert stored[0]["conn_type"] == "hubspot"
+
+
+def test_the_emulator_clis_connection_lines_work_in_airflow(airflow_cli, hubspot_emulator):
+    from hubspot_provider.testing.emulator import startup_notes
+
+    notes = [line.strip() for line in startup_notes(hubspot_emulator).splitlines()]
+    (add,) = [line for line in notes if line.startswith("airflow connections add")]
+    (export,) = [line for line in notes if line.startswith("export AIRFLOW_CONN_HUBSPOT_DEFAULT=")]
+    airflow_cli("db", "migrate")
+    airflow_cli(*shlex.split(add)[1:])
+    enabled = {"AIRFLOW__CORE__TEST_CONNECTION": "Enabled"}
+    assert "Connection success!" in airflow_cli("connections", "test", "hubspot_default", **enabled)
+    # The environment variable wins over the stored connection; it works on its own as well.
+    name, _, value = shlex.split(export)[1].partition("=")
+    hubspot_emulator.reset()
+    as_emulator = {name.replace("DEFAULT", "EMULATOR"): value}
+    out = airflow_cli("connections", "test", "hubspot_emulator", **enabled, **as_emulator)
+    assert "Connection success!" in out
+    assert [r.path for r in hubspot_emulator.requests] == ["/communication-preferences/v4/definitions"]
 
 
 def test_connection_get_hook_builds_a_hubspot_hook(monkeypatch):

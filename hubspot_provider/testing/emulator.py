@@ -46,6 +46,7 @@ import json
 import math
 import random
 import re
+import shlex
 import signal
 import socket
 import socketserver
@@ -749,7 +750,8 @@ class HubSpotEmulator:
         """JSON for an ``AIRFLOW_CONN_<CONN_ID>`` environment variable pointing at this emulator.
 
         ``conn_id`` only documents which variable the value is meant for; ``extra`` becomes the
-        connection's extra field.
+        connection's extra field. The host is the whole URL (``http://127.0.0.1:<port>``), so the
+        connection form shows it whole as the API base URL.
 
         Example::
 
@@ -757,14 +759,7 @@ class HubSpotEmulator:
         """
         del conn_id
         return json.dumps(
-            {
-                "conn_type": "hubspot",
-                "host": "127.0.0.1",
-                "schema": "http",
-                "port": self.port,
-                "password": self.token,
-                "extra": dict(extra),
-            }
+            {"conn_type": "hubspot", "host": self.url, "password": self.token, "extra": dict(extra)}
         )
 
     # ------------------------------------------------------------------ state
@@ -1474,11 +1469,15 @@ class _Handler(BaseHTTPRequestHandler):
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m hubspot_provider.testing.emulator",
-        description="Serve an emulated HubSpot Communication Preferences API on 127.0.0.1 until interrupted.",
+        description="Serve an emulated HubSpot Communication Preferences API on 127.0.0.1 until interrupted. "
+        "At start it prints its URL, the bearer token it accepts and a ready AIRFLOW_CONN_HUBSPOT_DEFAULT "
+        "line for Airflow.",
     )
     parser.add_argument("--port", type=int, default=0, help="TCP port (default: any free port)")
-    # The help text leaves the default token out: the CLI never prints a token.
-    parser.add_argument("--token", default=DEFAULT_TOKEN, help="accepted bearer token")
+    # A local stand-in, not a HubSpot credential: shown here and printed at start so that clients can use it.
+    parser.add_argument(
+        "--token", default=DEFAULT_TOKEN, help=f"the bearer token it accepts (default: {DEFAULT_TOKEN})"
+    )
     parser.add_argument("--rate-limit-max", type=int, default=100, help="requests per rolling interval")
     parser.add_argument("--rate-limit-interval-ms", type=int, default=10_000, help="rolling interval length")
     parser.add_argument("--daily-limit", type=int, default=None, help="requests per day (default: unlimited)")
@@ -1500,6 +1499,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="answer 207 to batch writes and unsubscribe-alls with errors",
     )
     return parser.parse_args(argv)
+
+
+def startup_notes(emulator: HubSpotEmulator) -> str:
+    """What the CLI prints after its first line: the token it accepts and ready Airflow connections."""
+    return "\n".join([
+        f"  accepts the bearer token {emulator.token}",
+        "  Airflow connection, as an environment variable:",
+        f"    export AIRFLOW_CONN_HUBSPOT_DEFAULT={shlex.quote(emulator.airflow_connection())}",
+        "  or stored in Airflow's metadata database:",
+        "    airflow connections add hubspot_default --conn-type hubspot "
+        f"--conn-host {shlex.quote(emulator.url)} --conn-password {shlex.quote(emulator.token)}",
+        "  Stop it with Ctrl+C.",
+    ])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1530,6 +1542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     emulator.start()
     try:
         print(f"HubSpot emulator listening on {emulator.url}", flush=True)
+        print(startup_notes(emulator), flush=True)
         # A timed wait keeps the main thread responsive to signals on every platform.
         while not stop.wait(0.5):
             pass
