@@ -1,7 +1,7 @@
-"""What Airflow's connection form sends for a HubSpot connection, put right before the API server uses it.
+"""Airflow's connection form and a HubSpot connection: what the form sends and gets, put right in the API server.
 
-Airflow 3's React form has three habits that break a ``hubspot`` connection, and a provider can only
-change what the API server receives:
+Airflow 3's React form has four habits that break a ``hubspot`` connection, and a provider can only
+change what passes through the API server:
 
 * The connection list's *Test* button sends ``port: 0`` for a connection saved without a port. The
   test endpoint then sees a port that differs from the stored one (``None``) and answers 400 "Bad
@@ -12,13 +12,16 @@ change what the API server receives:
   which logs "Skipping masking for a secret as it's too short" for each one under five characters, on
   every task that loads the connection. Empty values and the defaults the hook uses anyway are
   dropped; what is left is what the user chose.
+* The edit form (Airflow 3.3) shows only the fields the stored extra holds, so a field left empty
+  when the connection was made would vanish from it. The connection routes' answers carry every
+  field of the form, with the form's default where the stored extra has none; saving drops them again.
 * The test endpoint tests a copy of the connection under a random id, which the hook's message would
   name. The id the user is testing is kept in :data:`tested_connection_id` for the hook's
   :meth:`~hubspot_provider.hooks.hubspot.HubSpotHook.test_connection`.
 
 :class:`ConnectionFormMiddleware` does this for ``hubspot`` connections only and leaves every other
-request as it came. The provider's plugin installs it in the API server. This module uses the
-standard library only: the plugin is imported by every Airflow component.
+request and answer as it came. The provider's plugin installs it in the API server. This module
+uses the standard library only: the plugin is imported by every Airflow component.
 """
 
 from __future__ import annotations
@@ -28,13 +31,19 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
 from typing import Any
 
+from hubspot_provider.get_provider_info import CONN_FIELDS
+
 CONN_TYPE = "hubspot"
 EXTRA_PREFIX = f"extra__{CONN_TYPE}__"
-# The form's defaults that are strings. The hook uses the same values when the key is absent, so
+# The string settings' defaults. The hook uses the same values when the key is absent, so
 # dropping them changes nothing but the extra's size and the masker's warnings.
 STRING_DEFAULTS = {"api_version": "v4", "portal_timezone": "UTC", "oauth_token_path": "/oauth/v1/token"}
+# What the form shows for a new connection: each field's default, or empty.
+FORM_DEFAULTS: dict[str, Any] = {name: field["schema"].get("default") for name, field in CONN_FIELDS.items()}
 # A connection body is a few hundred bytes; anything far larger is passed on untouched.
 MAX_BODY_BYTES = 1 << 20
+# A page of the connection list (100 connections by default) is far smaller than this.
+MAX_ANSWER_BYTES = 16 << 20
 
 tested_connection_id: ContextVar[str | None] = ContextVar("hubspot_tested_connection_id", default=None)
 """The id of the connection Airflow's test endpoint is testing (it tests a copy under a random id)."""
@@ -46,6 +55,14 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+def _json_dict(text: str | bytes | None) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def clean_extra(extra: str | None) -> str | None:
     """Drop the form's empty values and the string defaults from a connection's extra (a JSON text).
 
@@ -54,13 +71,8 @@ def clean_extra(extra: str | None) -> str | None:
     >>> clean_extra('{"api_version": "v4", "client_id": null, "batch_size": 50, "portal_timezone": "UTC"}')
     '{"batch_size": 50}'
     """
-    if not extra:
-        return extra
-    try:
-        values = json.loads(extra)
-    except ValueError:
-        return extra
-    if not isinstance(values, dict):
+    values = _json_dict(extra)
+    if not extra or values is None:
         return extra
     kept = {
         key: value
@@ -70,6 +82,20 @@ def clean_extra(extra: str | None) -> str | None:
         and STRING_DEFAULTS.get(str(key).removeprefix(EXTRA_PREFIX), object()) != value
     }
     return extra if kept == values else json.dumps(kept)
+
+
+def fill_extra(extra: str | None) -> str | None:
+    """Add every form field the extra lacks, with the form's default (or ``null``), for the edit form.
+
+    >>> json.loads(fill_extra('{"batch_size": 50}'))["portal_timezone"]
+    'UTC'
+    """
+    values = _json_dict(extra)
+    if values is None:
+        return extra
+    present = {str(key).removeprefix(EXTRA_PREFIX) for key in values}
+    missing = {name: default for name, default in FORM_DEFAULTS.items() if name not in present}
+    return json.dumps({**values, **missing}) if missing else extra
 
 
 def clean_body(body: dict[str, Any], *, is_test: bool) -> dict[str, Any]:
@@ -84,8 +110,23 @@ def clean_body(body: dict[str, Any], *, is_test: bool) -> dict[str, Any]:
     return cleaned
 
 
+def fill_answer(answer: Any) -> Any:
+    """A connection, or a page of them, as the API answers: ``hubspot`` ones with :func:`fill_extra`."""
+
+    def fill(connection: Any) -> Any:
+        if isinstance(connection, dict) and connection.get("conn_type") == CONN_TYPE:
+            extra = connection.get("extra")
+            if extra is None or isinstance(extra, str):
+                return {**connection, "extra": fill_extra(extra)}
+        return connection
+
+    if isinstance(answer, dict) and isinstance(answer.get("connections"), list):
+        return {**answer, "connections": [fill(c) for c in answer["connections"]]}
+    return fill(answer)
+
+
 def _route(method: str, path: str) -> str | None:
-    """``"test"`` or ``"save"`` for the connection routes whose body is cleaned, else ``None``."""
+    """``"test"``, ``"save"`` or ``"read"`` for the connection routes handled here, else ``None``."""
     parts = path.rstrip("/").split("/")
     try:
         at = len(parts) - 1 - parts[::-1].index("connections")
@@ -98,15 +139,23 @@ def _route(method: str, path: str) -> str | None:
         return "test"
     if (method == "POST" and rest == []) or (method == "PATCH" and len(rest) == 1):
         return "save"
+    if method == "GET" and len(rest) <= 1:
+        return "read"
     return None
 
 
-class ConnectionFormMiddleware:
-    """ASGI middleware for Airflow's API server: cleans what the connection form sends for ``hubspot``.
+def _with_header(headers: Any, name: bytes, value: bytes | None) -> list[tuple[bytes, bytes]]:
+    kept = [(n, v) for n, v in headers or [] if n.lower() != name]
+    return kept if value is None else [*kept, (name, value)]
 
-    See the module's docstring for what and why. Requests other than ``POST /api/v2/connections``,
-    ``PATCH /api/v2/connections/<id>`` and ``POST /api/v2/connections/test``, and bodies of other
-    connection types, pass through unread.
+
+class ConnectionFormMiddleware:
+    """ASGI middleware for Airflow's API server: what the connection form sends and gets for ``hubspot``.
+
+    See the module's docstring for what and why. It reads the bodies of ``POST /api/v2/connections``,
+    ``PATCH /api/v2/connections/<id>`` and ``POST /api/v2/connections/test``, and the answers of
+    ``GET /api/v2/connections[/<id>]``; everything else passes through untouched, and so do other
+    connection types.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -118,33 +167,33 @@ class ConnectionFormMiddleware:
         )
         if route is None:
             await self.app(scope, receive, send)
-            return
+        elif route == "read":
+            await self._read(scope, receive, send)
+        else:
+            await self._write(scope, receive, send, is_test=route == "test")
+
+    async def _write(self, scope: Scope, receive: Receive, send: Send, *, is_test: bool) -> None:
         chunks: list[bytes] = []
-        size = 0
         more = True
         while more:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
                 await self.app(scope, _replay([message]), send)
                 return
-            chunk = message.get("body", b"")
-            chunks.append(chunk)
-            size += len(chunk)
+            chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         raw = b"".join(chunks)
-        body = _json_object(raw) if size <= MAX_BODY_BYTES else None
+        body = _json_dict(raw) if raw and len(raw) <= MAX_BODY_BYTES else None
         token = None
         if body is not None and body.get("conn_type") == CONN_TYPE:
-            cleaned = clean_body(body, is_test=route == "test")
+            cleaned = clean_body(body, is_test=is_test)
             if cleaned != body:
                 raw = json.dumps(cleaned).encode()
-                scope = dict(scope)
-                scope["headers"] = [
-                    (name, value)
-                    for name, value in scope.get("headers", [])
-                    if name.lower() != b"content-length"
-                ] + [(b"content-length", str(len(raw)).encode())]
-            if route == "test" and isinstance(body.get("connection_id"), str):
+                scope = {
+                    **scope,
+                    "headers": _with_header(scope.get("headers"), b"content-length", str(len(raw)).encode()),
+                }
+            if is_test and isinstance(body.get("connection_id"), str):
                 token = tested_connection_id.set(body["connection_id"])
         try:
             await self.app(
@@ -154,13 +203,51 @@ class ConnectionFormMiddleware:
             if token is not None:
                 tested_connection_id.reset(token)
 
+    async def _read(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Ask for an uncompressed answer, so that it can be read: Airflow gzips for clients that accept it.
+        scope = {**scope, "headers": _with_header(scope.get("headers"), b"accept-encoding", None)}
+        start: Message | None = None
+        chunks: list[bytes] = []
+        passing = False
 
-def _json_object(raw: bytes) -> dict[str, Any] | None:
+        async def hold(message: Message) -> None:
+            nonlocal start, passing
+            if passing or message["type"] not in ("http.response.start", "http.response.body"):
+                await send(message)
+            elif message["type"] == "http.response.start":
+                headers = {n.lower(): v for n, v in message.get("headers", [])}
+                json_answer = headers.get(b"content-type", b"").startswith(b"application/json")
+                if message.get("status") != 200 or not json_answer or b"content-encoding" in headers:
+                    passing = True
+                    await send(message)
+                else:
+                    start = message
+            else:
+                chunks.append(message.get("body", b""))
+                if sum(len(c) for c in chunks) > MAX_ANSWER_BYTES:
+                    passing = True
+                    await send(start)
+                    await send({**message, "body": b"".join(chunks)})
+                elif not message.get("more_body", False):
+                    await _send_filled(start, b"".join(chunks), send)
+
+        await self.app(scope, receive, hold)
+
+
+async def _send_filled(start: Message, raw: bytes, send: Send) -> None:
     try:
-        value = json.loads(raw)
+        answer = json.loads(raw)
     except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+        answer = None
+    filled = fill_answer(answer)
+    if answer is not None and filled != answer:
+        raw = json.dumps(filled).encode()
+        start = {
+            **start,
+            "headers": _with_header(start.get("headers"), b"content-length", str(len(raw)).encode()),
+        }
+    await send(start)
+    await send({"type": "http.response.body", "body": raw, "more_body": False})
 
 
 def _replay(messages: list[Message], then: Receive | None = None) -> Receive:

@@ -62,12 +62,13 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
         "label": "OAuth refresh token",
         "schema": {"type": ["string", "null"], "format": "password"},
     },
+    # No default here: Airflow hides the value of any field whose name holds "token", so the form would
+    # show, and save, "***" as the default. Empty means /oauth/v1/token.
     "oauth_token_path": {
         "label": "OAuth token endpoint",
-        "description": "Where OAuth access tokens are refreshed: /oauth/v1/token (default) or the dated "
-        "/oauth/2026-03/token.",
-        "schema": {"type": ["string", "null"], "enum": ["/oauth/v1/token", "/oauth/2026-03/token"],
-                   "default": "/oauth/v1/token"},
+        "description": "Where OAuth access tokens are refreshed: /oauth/v1/token (default when empty) or "
+        "the dated /oauth/2026-03/token.",
+        "schema": {"type": ["string", "null"], "enum": ["/oauth/v1/token", "/oauth/2026-03/token"]},
     },
 }
 

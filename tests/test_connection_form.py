@@ -78,10 +78,16 @@ def test_the_form_defaults_are_the_hooks_own():
         "client_id": None,
         "client_secret": None,
         "refresh_token": None,
+        # Airflow hides the value of a field named like a secret ("token"): a default would show, and be
+        # saved, as "***". Empty means the hook's default.
+        "oauth_token_path": None,
+    }
+    assert CONN_FIELDS["oauth_token_path"]["schema"]["enum"][0] == hook_module.OAUTH_TOKEN_PATH
+    # The string defaults the middleware drops on save are the hook's.
+    assert form.STRING_DEFAULTS == {
+        **{name: value for name, value in defaults.items() if isinstance(value, str)},
         "oauth_token_path": hook_module.OAUTH_TOKEN_PATH,
     }
-    # The string defaults the middleware drops on save are exactly the form's.
-    assert form.STRING_DEFAULTS == {name: value for name, value in defaults.items() if isinstance(value, str)}
 
 
 def test_the_form_offers_every_setting_the_readme_documents_and_no_null_choice():
@@ -186,12 +192,14 @@ def test_other_connection_types_are_left_alone():
 
 
 class Downstream:
-    """The API server behind the middleware: records the request it was handed."""
+    """The API server behind the middleware: records the request it was handed, answers ``answer``."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: object = None, status: int = 200) -> None:
         self.body: bytes | None = None
         self.headers: dict[bytes, bytes] = {}
         self.tested_as: str | None = None
+        self.answer = b"{}" if answer is None else json.dumps(answer).encode()
+        self.status = status
 
     async def __call__(self, scope, receive, send) -> None:
         self.headers = dict(scope.get("headers", []))
@@ -203,12 +211,25 @@ class Downstream:
             if not message.get("more_body"):
                 break
         self.body = b"".join(chunks)
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(self.answer)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        # In two pieces, as a streamed answer would come.
+        await send({"type": "http.response.body", "body": self.answer[:5], "more_body": True})
+        await send({"type": "http.response.body", "body": self.answer[5:]})
 
 
-def call(method: str, path: str, body: bytes, *, chunk: int | None = None) -> tuple[Downstream, list]:
-    downstream = Downstream()
+def call(
+    method: str,
+    path: str,
+    body: bytes = b"",
+    *,
+    chunk: int | None = None,
+    downstream: Downstream | None = None,
+) -> tuple[Downstream, list]:
+    downstream = downstream or Downstream()
     pieces = [body[i : i + chunk] for i in range(0, len(body), chunk)] if chunk else [body]
     messages = [
         {"type": "http.request", "body": piece, "more_body": n < len(pieces) - 1}
@@ -226,7 +247,11 @@ def call(method: str, path: str, body: bytes, *, chunk: int | None = None) -> tu
         "type": "http",
         "method": method,
         "path": path,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"accept-encoding", b"gzip, deflate"),
+        ],
     }
     asyncio.run(form.ConnectionFormMiddleware(downstream)(scope, receive, send))
     return downstream, sent
@@ -261,7 +286,7 @@ def test_save_and_edit_reach_the_api_without_nulls_or_string_defaults():
 @pytest.mark.parametrize(
     ("method", "path", "body"),
     [
-        ("GET", "/api/v2/connections/test", json.dumps(TESTED_FROM_THE_LIST)),  # not a route it cleans
+        ("PUT", "/api/v2/connections/hubspot_ui", json.dumps(TESTED_FROM_THE_LIST)),  # no such route
         ("POST", "/api/v2/variables", json.dumps(TESTED_FROM_THE_LIST)),
         ("PATCH", "/api/v2/connections", json.dumps(TESTED_FROM_THE_LIST)),  # the bulk endpoint
         ("POST", "/api/v2/connections/test", json.dumps({**TESTED_FROM_THE_LIST, "conn_type": "http"})),
@@ -272,6 +297,49 @@ def test_other_requests_pass_through_byte_for_byte(method, path, body):
     downstream, _ = call(method, path, body.encode())
     assert downstream.body == body.encode()
     assert downstream.headers[b"content-length"] == str(len(body.encode())).encode()
+
+
+def answer_of(sent: list) -> tuple[dict, bytes]:
+    start, *bodies = sent
+    return dict(start["headers"]), b"".join(b.get("body", b"") for b in bodies)
+
+
+def test_the_edit_form_gets_every_field_with_its_default_where_the_extra_has_none():
+    stored = {
+        **TESTED_FROM_THE_LIST,
+        "extra": json.dumps({"batch_size": 50, "client_secret": "***"}),
+        "port": None,
+    }
+    other = {**stored, "connection_id": "web", "conn_type": "http"}
+    page = {"connections": [stored, other], "total_entries": 2}
+    downstream, sent = call("GET", "/api/v2/connections", downstream=Downstream(page))
+    headers, raw = answer_of(sent)
+    hubspot, http = json.loads(raw)["connections"]
+    assert json.loads(hubspot["extra"]) == {
+        **form.FORM_DEFAULTS,
+        "batch_size": 50,
+        "client_secret": "***",  # the stored values win
+    }
+    assert json.loads(hubspot["extra"])["api_version"] == "v4"
+    assert http == other
+    assert headers[b"content-length"] == str(len(raw)).encode()
+    # The answer is read uncompressed: Airflow would gzip it for a browser.
+    assert b"accept-encoding" not in downstream.headers
+
+    # One connection, as GET /api/v2/connections/<id> answers; saving it drops the defaults again.
+    _, sent = call("GET", "/api/v2/connections/hubspot_ui", downstream=Downstream({**stored, "extra": None}))
+    filled = json.loads(answer_of(sent)[1])
+    assert json.loads(filled["extra"]) == form.FORM_DEFAULTS
+    assert json.loads(form.clean_body(filled, is_test=False)["extra"]) == {
+        name: value for name, value in form.FORM_DEFAULTS.items() if isinstance(value, int)
+    }
+
+
+def test_answers_that_are_not_a_hubspot_connection_pass_through_byte_for_byte():
+    for answer, status in [({"detail": "not found"}, 404), ({"connections": [], "total_entries": 0}, 200)]:
+        downstream = Downstream(answer, status)
+        _, sent = call("GET", "/api/v2/connections/x", downstream=downstream)
+        assert answer_of(sent)[1] == downstream.answer
 
 
 def test_a_body_over_the_cap_passes_through_unread(monkeypatch):
