@@ -68,10 +68,11 @@ def test_airflow_shows_the_providers_config_and_plugin(airflow_cli):
     assert info["plugins"] == [
         {"name": "hubspot_provider", "plugin-class": "hubspot_provider.plugins.HubSpotPlugin"}
     ]
-    # Loaded once (through its entry point), with the pool listener and the connection-form middleware.
+    # Loaded once (through its entry point), with its listeners and the connection-form middleware.
     plugins = [p for p in json.loads(airflow_cli("plugins", "-o", "json")) if p["name"] == "hubspot_provider"]
     assert len(plugins) == 1
-    assert plugins[0]["listeners"] == ["hubspot_provider.plugins._PoolListener"]
+    assert plugins[0]["listeners"] == [
+        "hubspot_provider.plugins._PoolListener", "hubspot_provider.plugins._RunNoteListener"]
     assert [m["name"] for m in plugins[0]["fastapi_root_middlewares"]] == ["hubspot_connection_form"]
 
 

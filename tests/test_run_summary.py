@@ -8,7 +8,7 @@ import sqlite3
 import subprocess
 import sys
 
-from hubspot_provider.run_summary import FIELD, run_summary_text
+from hubspot_provider.run_summary import FIELD, NOTE_LIMIT, run_summary_note, run_summary_text
 
 SUMMARY = {
     "data_interval_start": "2026-03-10T00:00:00+00:00",
@@ -77,15 +77,41 @@ def test_only_counts_categories_and_paths_reach_the_text():
     assert "Failed              146 (" in text and "Written to HubSpot  2318: 0 changed" in text
 
 
+def test_the_note_leads_with_the_outcome_and_fits_airflows_note_column():
+    note = run_summary_note(SUMMARY)
+    assert note.splitlines()[:3] == [
+        "**HubSpot sync**: 2318 written (1721 changed), 146 failed, 0 withheld, 146 dead letters",
+        "",
+        "- Data interval: [2026-03-10T00:00:00+00:00, 2026-03-11T00:00:00+00:00)",
+    ]
+    assert "- Dead letters: 146 in file:///opt/airflow/hubspot_consent/manual__1/dead-letters" in note
+    dry = run_summary_note({**SUMMARY, "dry_run": True})
+    assert dry.startswith("**HubSpot sync: dry run**, nothing written; 2464 statuses planned, 0 withheld")
+    long = run_summary_note({**SUMMARY, "dead_letter_uri": "s3://bucket/" + "x" * 900})
+    assert len(long) <= NOTE_LIMIT
+    assert long.endswith("- (the rest: the outcome task's Rendered Templates tab)")
+
+
+def test_a_note_someone_wrote_is_kept():
+    from hubspot_provider.run_summary import _note
+
+    class Run:
+        note = "paused for the migration; do not re-run"
+
+    run = Run()
+    assert _note(run, session=None) is False  # returns before it reads anything
+    assert run.note == "paused for the migration; do not re-run"
+
+
 # --------------------------------------------------------------------------- in a real task run
 
 PROBE_DAG = """
 from datetime import datetime, timezone
 
-from airflow.sdk import dag, task
+from airflow.sdk import dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from hubspot_provider.run_summary import show_run_summary
+from hubspot_provider.run_summary import RunSummaryNotifier, show_run_summary
 
 SUMMARY = {summary!r}
 
@@ -98,7 +124,10 @@ def probe():
 
     @task
     def summarise_dead_letters(summary: dict) -> None:
-        show_run_summary(summary)
+        # As hubspot_provider.consent.summarise_run does: alert the notifiers, then apply the policy.
+        notifiers = [RunSummaryNotifier()]
+        for notifier in notifiers:
+            notifier(dict(get_current_context(), hubspot_summary=summary))
         raise AirflowFailException("more than max_failed_ratio of the events failed")
 
     report(SUMMARY)
@@ -132,6 +161,13 @@ def test_a_task_shows_the_summary_on_its_rendered_templates_whether_it_succeeds_
     db = sqlite3.connect(home / "airflow.db")
     try:
         states = dict(db.execute("SELECT task_id, state FROM task_instance"))
+        notes = [
+            row[0]
+            for row in db.execute(
+                "SELECT n.content FROM dag_run_note n JOIN dag_run r ON r.id = n.dag_run_id "
+                "WHERE r.dag_id = 'hubspot_run_summary_probe'"
+            )
+        ]
         fields = {
             task_id: json.loads(rendered)
             for task_id, rendered in db.execute(
@@ -141,6 +177,8 @@ def test_a_task_shows_the_summary_on_its_rendered_templates_whether_it_succeeds_
     finally:
         db.close()
     assert states == {"report": "success", "summarise_dead_letters": "failed"}
-    for task_id in states:
+    for task_id in states:  # the report task, and the notifier on the task that failed
         assert fields[task_id][FIELD] == run_summary_text(SUMMARY)
         assert "op_args" in fields[task_id]  # the task's own fields are still there
+    # The run failed; the plugin put the summary into its note when it ended (from the task that ended it).
+    assert notes == [run_summary_note(SUMMARY)]
