@@ -1,11 +1,15 @@
 """Rate-limit pacing from HubSpot's headers, cooperative across writers of the same app.
 
 Pacing happens *before* a 429, not after: a run stays just under HubSpot's rolling limit while
-other writers share it.
+other writers share it, with no store shared between them: ``X-HubSpot-RateLimit-Remaining`` on
+every answer tells each writer how full the app's window is.
 """
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_right
+import random
 import threading
 import time
 from collections import deque
@@ -17,32 +21,93 @@ __all__ = ["RateLimitPacer"]
 class RateLimitPacer:
     """Keeps request starts under HubSpot's rolling limit, learned from its response headers.
 
-    HubSpot counts requests per app in a rolling window (``X-HubSpot-RateLimit-Max`` requests per
-    ``-Interval-Milliseconds``), from when each request arrives. The pacer remembers when each of
-    its own requests started and frees its slot one window later: a request that started a window
-    after an earlier one also arrives a window after it, give or take the difference in their
-    latencies, which the ``reserve`` slot absorbs. (Counting from the answer instead would stretch
-    every window by the request's latency: 5% of the ceiling at 0.4 s against HubSpot's 10 s
-    window.) It subtracts what ``-Remaining`` says others used. A start waits until the window has
-    room, so a long run stays just under the limit instead of bouncing off 429s. Thread-safe.
+    HubSpot counts an app's requests in a rolling window (``X-HubSpot-RateLimit-Max`` requests per
+    ``-Interval-Milliseconds``) from when each arrives. The pacer remembers when each of its own
+    requests started and frees the slot one window later, plus the spread of latencies (at most 2%
+    of the window): a request started a window after another arrives a window after it, give or
+    take that. Counting from the answer instead would stretch every window by the latency.
+
+    **Several writers, no shared store.** Each writer (a task on some worker, or another
+    integration of the same app) holds a *share*: how many of its own requests may be in the
+    window. Every answer's ``X-HubSpot-RateLimit-Remaining`` says how full the whole app's window
+    is; the writer's own requests that HubSpot had not yet counted are added back, and what is left
+    is the others'. Each writer steers its share so that the shares add up to the ``budget`` (the
+    limit less a 1% reserve, at least one request, and one more while others write), with rules
+    that add up right without knowing how many writers there are:
+
+    * **Alone** (the window holds nobody else's requests): the whole budget.
+    * **Room left**: a writer takes half the room times its part of the window, so all together
+      take half the room per round trip (one increase per round trip: an older reading does not
+      show it) and approach the budget without overshooting it. The last
+      4% of the budget goes only by *claims* of one slot, made at a chance per answer of
+      ``4 / used``: four claims per window among all writers, each writer's in proportion to its
+      share.
+    * **At the budget**, while others write: a writer gives a slot back at a chance per answer of
+      ``8% × its part of the window``, so each writer's yields grow with the square of its share
+      while its claims grow with the share: shares converge to equal (a fair share), and the slot
+      freed goes to whoever claims it first.
+    * **Over the budget** (or a 429): every writer scales its share by ``budget / used``. A share
+      already cut below what it has in the window is not cut again for the same reading.
+    * Slots of other writers between leaving the window and being used again look like room; the
+      expected number of them (the others' requests times latency over the window) is not room.
+    * While others write, starts are spread out over the window (at most 1/0.6 of the share's even
+      rate), so no burst of slots leaves the window at once for every writer to race for (a writer
+      alone sends as fast as its window allows); a share's fraction is
+      dithered so that small shares add up to the budget on average.
+
+    Without rate-limit headers (a proxy that strips them) the share is the budget: local
+    accounting. Thread-safe.
     """
 
-    def __init__(self, max_requests: int = 100, interval_s: float = 10.0, reserve: int = 1) -> None:
+    # Part of the room all writers together take per round trip.
+    TAKE = 0.5
+    # Slots all writers together claim per window while the last part of the budget has room.
+    CLAIMS_PER_WINDOW = 4.0
+    # The last part of the budget that only claims fill, so a newcomer has an equal chance at it.
+    CLAIM_ONLY = 0.04
+    # Chance per answer, times the writer's part of the window, that it gives a slot back.
+    YIELD = 0.08
+    # Starts are at least this part of the share's even spacing apart.
+    SPACING = 0.6
+
+    def __init__(self, max_requests: int = 100, interval_s: float = 10.0, reserve: int | None = None,
+                 *, rng: random.Random | None = None) -> None:
         self.max_requests = max_requests
         self.interval_s = interval_s
-        self.reserve = reserve
+        self._fixed_reserve = reserve
         self._started: deque[float] = deque()  # start times of this writer's requests in the window
         self._in_flight = 0
-        self._others = 0
+        self._share: float | None = None  # None until HubSpot's headers told how full the window is
         self._blocked_until = 0.0
         self._consecutive_429 = 0
         self._cond = threading.Condition()
         self._local = threading.local()
         self._latencies: deque[float] = deque(maxlen=64)
         self._margin = 0.0
+        self._rng = rng or random.Random()
+        self._dither = self._rng.random()
+        self._grown_at = 0.0
+        self.others = 0  # other writers' requests in the window at the last answer
 
-    def _budget(self) -> int:
-        return max(1, self.max_requests - self.reserve - self._others)
+    @property
+    def reserve(self) -> int:
+        if self._fixed_reserve is not None:
+            return self._fixed_reserve
+        return max(1, round(self.max_requests * 0.01))
+
+    @property
+    def budget(self) -> int:
+        return max(1, self.max_requests - self.reserve)
+
+    @property
+    def share(self) -> float | None:
+        """This writer's share of the window; ``None`` until HubSpot's headers have been seen."""
+        return self._share
+
+    def _limit(self) -> int:
+        if self._share is None:
+            return self.budget
+        return max(1, math.floor(self._share + self._dither))
 
     def acquire(self, timeout: float | None = None) -> bool:
         """Wait for room in the window and take a slot; ``False`` when ``timeout`` seconds pass first."""
@@ -50,22 +115,31 @@ class RateLimitPacer:
         with self._cond:
             while True:
                 now = time.monotonic()
-                if give_up is not None and now >= give_up:
-                    return False
                 limit = float("inf") if give_up is None else give_up - now
                 if now < self._blocked_until:
+                    if limit <= 0:
+                        return False
                     self._cond.wait(min(self._blocked_until - now, limit))
                     continue
                 horizon = now - self.interval_s - self._margin
                 while self._started and self._started[0] <= horizon:
                     self._started.popleft()
-                if len(self._started) < self._budget():
+                limit_n = self._limit()
+                # Starts are spread evenly over the window: no bursts, so no burst of slots leaving
+                # the window at once that every writer would race to fill.
+                spaced = (self._started[-1] + self.interval_s / limit_n * self.SPACING
+                          if self._started and self.others else now)
+                if len(self._started) < limit_n and now >= spaced:
                     self._in_flight += 1
                     self._started.append(now)
                     self._local.started_at = now
                     return True
-                # Woken early when the window is re-learned (or the oldest slot frees).
+                if limit <= 0:
+                    return False
+                # Woken early when the share grows (or the oldest slot frees).
                 wait_s = (self._started[0] - horizon) if self._started else None
+                if self._started and self.others and len(self._started) < limit_n:
+                    wait_s = max(0.0, spaced - now)
                 if give_up is not None:
                     wait_s = limit if wait_s is None else min(wait_s, limit)
                 self._cond.wait(wait_s)
@@ -78,16 +152,14 @@ class RateLimitPacer:
             now = time.monotonic()
             started = getattr(self._local, "started_at", None)
             if started is not None:
-                # How much latencies vary: two requests started a window apart can reach HubSpot
-                # closer together than that by up to this much, so each slot is held that much longer.
                 self._local.started_at = None
                 self._latencies.append(now - started)
                 self._margin = min(max(self._latencies) - min(self._latencies), self.interval_s / 50)
             if headers:
-                self._learn(headers, now)
+                self._learn(headers, now, rate_limited, started)
             self._cond.notify_all()
 
-    def _learn(self, headers: Mapping[str, str], now: float) -> None:
+    def _learn(self, headers: Mapping[str, str], now: float, rate_limited: bool, started: float | None) -> None:
         try:
             maximum = int(headers["X-HubSpot-RateLimit-Max"])
             interval_ms = int(headers["X-HubSpot-RateLimit-Interval-Milliseconds"])
@@ -100,7 +172,45 @@ class RateLimitPacer:
         self.interval_s = interval_ms / 1000
         horizon = now - self.interval_s
         ours = sum(1 for t in self._started if t > horizon)
-        self._others = max(0, (maximum - remaining) - ours)
+        # Our requests started after this one had not reached HubSpot when it counted.
+        if started is not None and self._latencies:
+            since = max(started, now - min(self._latencies) / 2)
+            pending = len(self._started) - bisect_right(self._started, since)
+        else:
+            pending = 0
+        counted = ours - pending  # ours that HubSpot had counted
+        used = maximum - max(0, remaining)
+        others = max(0, used - counted)
+        self.others = others
+        # With company, one slot more is kept free: shares are whole slots and readings are noisy.
+        budget = self.budget - (1 if others else 0)
+        share = float(max(1, ours)) if self._share is None else self._share
+        # Other writers' slots between leaving the window and being used again look like room.
+        latency = sum(self._latencies) / len(self._latencies) if self._latencies else 0.0
+        phantom = others * (latency / 2 + self._margin) / self.interval_s
+        if rate_limited or used + pending > budget:
+            # Everyone scales by the same factor; a share already cut below what is in the window
+            # (its requests have not left yet) is not cut again for the same reading.
+            share = min(share, max(1.0, ours) * budget / max(used + pending, budget + 1))
+        else:
+            free = budget - others - phantom - share
+            # One increase per round trip: an answer to a request sent before the last increase
+            # does not show it yet.
+            if free >= 1 and (started is None or started >= self._grown_at):
+                self._grown_at = now
+                if others:
+                    bulk = max(0.0, free - max(1, round(budget * self.CLAIM_ONLY)))
+                    share += self.TAKE * bulk * share / (share + others)
+                    if self._rng.random() < self.CLAIMS_PER_WINDOW / (share + others):
+                        share += 1
+                else:
+                    share += free
+                share = min(share, budget - others - phantom)
+            elif others and free < 0.5 and self._rng.random() < self.YIELD * share / (share + others):
+                share -= 1
+        self._share = max(1.0, share)
+        if self._rng.random() < 1 / max(1.0, ours):
+            self._dither = self._rng.random()
 
     def block_for(self, seconds: float) -> None:
         """Hold every start for ``seconds`` (after a 429, the window is fuller than we knew)."""

@@ -1,0 +1,144 @@
+"""The rate-limit pacer's cooperation rules, fed HubSpot's headers directly; then two writers over real sockets."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+from hubspot_provider.hooks._pacer import RateLimitPacer
+from hubspot_provider.hooks.hubspot import HubSpotHook
+
+from tests.test_hook import rows
+
+MAX = 50
+
+
+def headers(used: int, maximum: int = MAX, interval_ms: int = 1000) -> dict[str, str]:
+    return {
+        "X-HubSpot-RateLimit-Max": str(maximum),
+        "X-HubSpot-RateLimit-Interval-Milliseconds": str(interval_ms),
+        "X-HubSpot-RateLimit-Remaining": str(max(0, maximum - used)),
+    }
+
+
+def answer(pacer: RateLimitPacer, *, others: int, rate_limited: bool = False) -> None:
+    """An answer with a window that holds ``others`` requests besides ours: to a new request when the
+    pacer gives a slot, else to one of ours still in flight."""
+    if not pacer.acquire(timeout=0.05):
+        pacer._in_flight += 1
+    ours = len(pacer._started)
+    pacer.release(headers(others + ours), rate_limited=rate_limited)
+
+
+def test_without_headers_the_share_is_the_budget():
+    pacer = RateLimitPacer(MAX, 1.0)
+    for _ in range(5):
+        assert pacer.acquire(timeout=0.5)
+        pacer.release(None)
+    assert pacer.share is None
+    assert pacer._limit() == pacer.budget == MAX - 1
+
+
+def test_a_writer_alone_takes_the_whole_budget():
+    pacer = RateLimitPacer()
+    answer(pacer, others=0)
+    assert (pacer.max_requests, pacer.interval_s) == (MAX, 1.0)
+    assert pacer.share == MAX - 1
+
+
+def test_a_writer_never_claims_what_others_hold():
+    pacer = RateLimitPacer(rng=random.Random(7))
+    for _ in range(12):
+        answer(pacer, others=30)
+        assert pacer.others == 30
+        # The budget (49) less one slot kept free with company, less the others' 30.
+        assert pacer.share is not None and pacer.share <= MAX - 2 - 30
+
+
+def test_over_the_budget_every_share_scales_down_once_per_reading():
+    pacer = RateLimitPacer(rng=random.Random(1))
+    for _ in range(40):
+        answer(pacer, others=10)
+    before = pacer.share
+    ours = len(pacer._started)
+    assert before is not None and ours >= 10
+    pacer._in_flight += 1
+    pacer.release(headers(MAX))  # another writer filled the window past the budget (49)
+    cut = pacer.share
+    # Scaled by (budget less the slot kept free with company) / used.
+    assert cut is not None and cut < before and cut <= ours * (MAX - 2) / MAX + 1e-9
+    # The same (stale) reading again: our requests have not left the window, nothing more is cut.
+    pacer._in_flight += 1
+    pacer.release(headers(MAX))
+    assert pacer.share == cut
+
+
+def test_a_429_cuts_the_share():
+    pacer = RateLimitPacer(rng=random.Random(2))
+    for _ in range(6):
+        answer(pacer, others=10)
+    before = pacer.share
+    answer(pacer, others=MAX, rate_limited=True)
+    assert before is not None and pacer.share is not None and pacer.share < before
+
+
+def at_budget(own: int, seed: int) -> RateLimitPacer:
+    """A pacer holding ``own`` requests of the window, with its share at ``own``."""
+    pacer = RateLimitPacer(rng=random.Random(seed))
+    for _ in range(own):
+        assert pacer.acquire(timeout=0.5)
+    pacer._in_flight = 0
+    pacer._share = float(own)
+    return pacer
+
+
+def test_at_the_budget_a_writer_yields_only_when_others_write():
+    alone = at_budget(MAX - 1, 3)
+    shared = at_budget(20, 3)
+    for _ in range(300):
+        # The window sits at the budget: 49 alone, 48 with company (one slot more kept free).
+        alone._in_flight += 1
+        alone.release(headers(MAX - 1))
+        shared._in_flight += 1
+        shared.release(headers(MAX - 2))
+    assert alone.others == 0 and alone.share == MAX - 1
+    assert shared.others == MAX - 2 - 20 and shared.share < 20
+
+
+def test_a_bigger_writer_yields_more_often_than_a_smaller_one():
+    def yields(own: int, others: int) -> int:
+        pacer = at_budget(own, 11)
+        count = 0
+        for _ in range(2000):
+            pacer._in_flight += 1
+            pacer.release(headers(own + others))  # at the budget with company (48)
+            if pacer.share < own:
+                count += 1
+                pacer._share = float(own)
+        return count
+
+    # Per answer, a writer holding 30 of 48 yields more often than one holding 10; per window
+    # (30 answers against 10) the ratio grows with the square of the share.
+    assert yields(30, MAX - 2 - 30) > 2 * yields(10, MAX - 2 - 10) > 0
+
+
+def test_two_writers_share_one_app_and_lose_nothing(hubspot_emulator_factory, hubspot_conn):
+    emulator = hubspot_emulator_factory(rate_limit_max=10, rate_limit_interval_ms=500)
+    conn_id = hubspot_conn(emulator)
+    hooks = [HubSpotHook(conn_id, max_concurrency=2, max_retries=8) for _ in range(2)]
+    reports: list = [None, None]
+
+    def write(i: int) -> None:
+        reports[i] = hooks[i].write_statuses(rows(60, start=i * 1000), batch_size=1)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [r.succeeded for r in reports] == [60, 60]
+    assert all(r.failed_count == 0 for r in reports)
+    # Each saw the other in the window, and neither holds a share that leaves the other nothing.
+    for hook in hooks:
+        assert hook.pacer.share is not None and 1 <= hook.pacer.share <= hook.pacer.budget
+    assert len([r for r in emulator.requests if r.kind == "ok"]) >= 120
