@@ -30,8 +30,9 @@ class RateLimitPacer:
     **Several writers, no shared store.** Each writer (a task on some worker, or another
     integration of the same app) holds a *share*: how many of its own requests may be in the
     window. Every answer's ``X-HubSpot-RateLimit-Remaining`` says how full the whole app's window
-    is; the writer's own requests that HubSpot had not yet counted are added back, and what is left
-    is the others'. Each writer steers its share so that the shares add up to the ``budget`` (the
+    is; the writer's own requests that HubSpot counted with it (those started within a window
+    before it: arrival times differ from start times by the latency, alike for all) are taken off,
+    and what is left is the others'. Each writer steers its share so that the shares add up to the ``budget`` (the
     limit less a 1% reserve, at least one request, and one more while others write), with rules
     that add up right without knowing how many writers there are:
 
@@ -76,6 +77,7 @@ class RateLimitPacer:
         self.interval_s = interval_s
         self._fixed_reserve = reserve
         self._started: deque[float] = deque()  # start times of this writer's requests in the window
+        self._history: deque[float] = deque()  # and over the last two windows
         self._in_flight = 0
         self._share: float | None = None  # None until HubSpot's headers told how full the window is
         self._blocked_until = 0.0
@@ -132,6 +134,7 @@ class RateLimitPacer:
                 if len(self._started) < limit_n and now >= spaced:
                     self._in_flight += 1
                     self._started.append(now)
+                    self._history.append(now)
                     self._local.started_at = now
                     return True
                 if limit <= 0:
@@ -172,13 +175,16 @@ class RateLimitPacer:
         self.interval_s = interval_ms / 1000
         horizon = now - self.interval_s
         ours = sum(1 for t in self._started if t > horizon)
-        # Our requests started after this one had not reached HubSpot when it counted.
-        if started is not None and self._latencies:
-            since = max(started, now - min(self._latencies) / 2)
-            pending = len(self._started) - bisect_right(self._started, since)
+        history = self._history
+        while history and history[0] <= now - 2 * self.interval_s - 1:
+            history.popleft()
+        if started is not None:
+            # HubSpot counted this request when it arrived, and with it every request of ours that
+            # arrived in the window before: those that started in the window before this one did
+            # (latencies alike), whatever the latency.
+            counted = bisect_right(history, started) - bisect_right(history, started - self.interval_s)
         else:
-            pending = 0
-        counted = ours - pending  # ours that HubSpot had counted
+            counted = ours
         used = maximum - max(0, remaining)
         others = max(0, used - counted)
         self.others = others
@@ -188,10 +194,10 @@ class RateLimitPacer:
         # Other writers' slots between leaving the window and being used again look like room.
         latency = sum(self._latencies) / len(self._latencies) if self._latencies else 0.0
         phantom = others * (latency / 2 + self._margin) / self.interval_s
-        if rate_limited or used + pending > budget:
+        if rate_limited or used > budget:
             # Everyone scales by the same factor; a share already cut below what is in the window
             # (its requests have not left yet) is not cut again for the same reading.
-            share = min(share, max(1.0, ours) * budget / max(used + pending, budget + 1))
+            share = min(share, max(1.0, ours) * budget / max(used, budget + 1))
         else:
             free = budget - others - phantom - share
             # One increase per round trip: an answer to a request sent before the last increase
