@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import sqlite3
@@ -53,19 +52,23 @@ from pydantic import ValidationError
 from hubspot_provider.models import UNSUBSCRIBE_ALL, describe_validation_error, validate_consent_input
 from hubspot_provider.results import INVALID_INPUT, WriteReport, categories_in_words, failure_ratio_exceeded, plan_in_words
 from hubspot_provider.staging import (
+    DEFAULT_SHARD_SIZE,
+    MAX_SHARDS,
     SHARD_FOLDER_PREFIX,
     JsonlWriter,
     dead_letter,
     dumps,
     jsonl_files,
     read_objects,
-    split_into_shards,
+    shard_count,
+    shard_staged_input,
     status_key,
 )
 
 __all__ = [
     "DEAD_LETTER_FOLDER",
     "DEFAULT_SHARD_SIZE",
+    "MAX_SHARDS",
     "HUBSPOT_POOL",
     "HUBSPOT_POOL_SLOTS",
     "IDENTIFIER_PATTERN",
@@ -129,13 +132,6 @@ REPLAY_INPUT_FOLDER = "input"
 REPLAY_INPUT_FILE = "dead-letters.jsonl"
 
 PLAN_FOLDER = "plan"
-# Statuses per shard (one mapped write task each). A day up to this size is written by one task, as
-# before sharding; a bigger one by several, through the hubspot_api pool. At HubSpot's slowest tier
-# (1,000 statuses/s for the whole app) a full shard is a writer's couple of minutes.
-DEFAULT_SHARD_SIZE = 100_000
-# Every shard is a mapped task instance and a scratch file held open while splitting; past this many,
-# shards grow instead (Airflow's own limit, core.max_map_length, is 1,024 by default).
-MAX_SHARDS = 256
 
 DEFAULT_FETCH_SIZE = 1000
 _RAW_REPR_LIMIT = 100
@@ -812,18 +808,6 @@ def validate_staged_events(
 # ---------------------------------------------------------------------------------------------- shards
 
 
-def shard_count(statuses: int, shard_size: int = DEFAULT_SHARD_SIZE) -> int:
-    """How many shards ``statuses`` are split into: ``ceil(statuses / shard_size)``, at least 1, at most
-    ``MAX_SHARDS`` (beyond that the shards grow instead).
-
-    >>> shard_count(0), shard_count(100_000), shard_count(100_001), shard_count(10**9)
-    (1, 1, 2, 256)
-    """
-    if int(shard_size) < 1:
-        raise ValueError(f"shard_size must be a positive number of statuses, got {shard_size}")
-    return max(1, min(MAX_SHARDS, math.ceil(int(statuses) / int(shard_size))))
-
-
 # Part files a write task names after its input folder: part-<folder>-<first line>[.interrupted-<n>].jsonl.
 _WRITE_PART = re.compile(
     rf"part-({re.escape(VALIDATED_FOLDER)}|{re.escape(SHARD_FOLDER_PREFIX)}\d+)-\d+(\.interrupted-\d+)?\.jsonl"
@@ -849,18 +833,18 @@ def shard_validated(
     """Split a run's validated statuses into shards, one mapped write task each.
 
     A day of up to ``shard_size`` statuses is one shard: the ``validated/`` folder itself, not copied.
-    A bigger day is split into :func:`shard_count` folders ``validated/shard-NNNNN/``, by a stable hash
-    of each contact's email (:func:`~hubspot_provider.staging.shard_of`): every key of a contact, and
-    its opt-out from all email, stay in one shard in their validated order, so the last event per key
-    wins and an opt-out from all email lands before the contact's later statuses, however many
-    workers write the day. Shards are about ``shard_size`` each (a hash spreads contacts, it does not
-    count them).
+    A bigger day is split into :func:`~hubspot_provider.staging.shard_count` folders
+    ``validated/shard-NNNNN/``, by a stable hash of each contact's email
+    (:func:`~hubspot_provider.staging.shard_of`): every key of a contact, and its opt-out from all
+    email, stay in one shard in their validated order, so the last event per key wins and an opt-out
+    from all email lands before the contact's later statuses, however many workers write the day.
+    Shards hold about ``shard_size`` each (a hash spreads contacts, it does not count them).
 
     Each shard's write task keeps its own checkpoint (in its folder) and names its dead-letter and
     ledger parts after it, so a retry of one shard resumes that shard only, and a re-run rewrites
     each shard's parts. Shard folders of an earlier attempt are removed first (with their
-    checkpoints: new shards are written from their first line), and so are the parts an earlier
-    attempt split another way wrote (a dry run touches only the plan's).
+    checkpoints: new shards are written from their first line), and so are the parts of an earlier
+    attempt split another way (a dry run tidies only the plan's, leaving a real run's alone).
 
     :param validated: what :func:`validate_staged_events` returned.
     :param shard_size: statuses per shard.
@@ -870,44 +854,19 @@ def shard_validated(
         ``HubSpotWriteStatusesOperator.partial(...).expand_kwargs(...)``.
     """
     folder = ObjectStoragePath(str(validated["validated_uri"]))
-    valid = int(validated.get("valid") or 0)
-    shards = shard_count(valid, shard_size)
-    if folder.is_dir():
-        for child in folder.iterdir():
-            if child.name.startswith(SHARD_FOLDER_PREFIX) and child.is_dir():
-                _remove_tree(child)
-    if shards == 1:
-        layout = [(folder, valid)]
-    else:
-        layout = split_into_shards(jsonl_files(folder), folder, shards, VALIDATED_FILE)
+    shards = shard_staged_input(folder, shard_size=shard_size, lines=int(validated.get("valid") or 0))
     run = folder.parent
     dead_letters = str(validated.get("dead_letter_uri") or run / DEAD_LETTER_FOLDER)
     ledger = str(validated.get("ledger_uri") or run / LEDGER_FOLDER)
-    keep = {shard.name for shard, _count in layout}
+    keep = {ObjectStoragePath(shard["input_uri"]).name for shard in shards}
     tidy = [run / PLAN_FOLDER] if dry_run else [ObjectStoragePath(dead_letters), ObjectStoragePath(ledger)]
     for parts in tidy:
         _remove_other_layouts_parts(parts, keep)
-    if shards > 1:
-        sizes = [count for _shard, count in layout]
-        log.info("Split %d validated statuses into %d shards of about %d (%d to %d each)", valid, shards,
-                 shard_size, min(sizes), max(sizes))
-    return [
-        {"input_uri": str(shard), "input_count": count, "dead_letter_uri": dead_letters, "ledger_uri": ledger}
-        for shard, count in layout
-    ]
-
-
-def _remove_tree(folder: ObjectStoragePath) -> None:
-    # Through the object-storage API only, so it works on buckets (which have no real folders) as on disk.
-    for child in folder.iterdir():
-        if child.is_dir():
-            _remove_tree(child)
-        else:
-            child.unlink(missing_ok=True)
-    try:
-        folder.rmdir()
-    except (OSError, NotImplementedError):
-        pass
+    if len(shards) > 1:
+        sizes = [shard["input_count"] for shard in shards]
+        log.info("Split %d validated statuses into %d shards of about %d (%d to %d each)", sum(sizes),
+                 len(shards), shard_size, min(sizes), max(sizes))
+    return [{**shard, "dead_letter_uri": dead_letters, "ledger_uri": ledger} for shard in shards]
 
 
 # ---------------------------------------------------------------------------------------------- outcome

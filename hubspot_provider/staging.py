@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -36,6 +37,8 @@ from hubspot_provider.results import FailedInput
 
 __all__ = [
     "JsonlWriter",
+    "DEFAULT_SHARD_SIZE",
+    "MAX_SHARDS",
     "SHARD_FOLDER_PREFIX",
     "camel_keys",
     "contact_of",
@@ -47,8 +50,11 @@ __all__ = [
     "jsonl_files",
     "prefix_hash",
     "read_objects",
+    "remove_tree",
+    "shard_count",
     "shard_name",
     "shard_of",
+    "shard_staged_input",
     "split_into_shards",
     "staged_line",
     "status_key",
@@ -57,6 +63,13 @@ __all__ = [
 
 SHARD_FOLDER_PREFIX = "shard-"
 _SHARD_DIGITS = 5
+# Statuses per shard (one write task each). An input up to this size is written by one task; a
+# bigger one by several, through the hubspot_api pool. At HubSpot's slowest tier (1,000 statuses/s
+# for the whole app) a full shard is a couple of minutes of a writer's time.
+DEFAULT_SHARD_SIZE = 100_000
+# Every shard is a mapped task instance and a scratch file held open while splitting; past this many,
+# shards grow instead (Airflow's own limit, core.max_map_length, is 1,024 by default).
+MAX_SHARDS = 256
 
 # msgspec ships with Airflow's task SDK; it encodes a line about five times faster than the standard
 # library (0.9 against 4.2 µs for a ledger record), which the ledger needs. Compact, UTF-8 kept,
@@ -132,6 +145,18 @@ def contact_of(record: Any) -> str | None:
 # ---------------------------------------------------------------------------------------------- shards
 
 
+def shard_count(lines: int, shard_size: int = DEFAULT_SHARD_SIZE) -> int:
+    """How many shards ``lines`` are split into: ``ceil(lines / shard_size)``, at least 1, at most
+    ``MAX_SHARDS`` (beyond that the shards grow instead).
+
+    >>> shard_count(0), shard_count(100_000), shard_count(100_001), shard_count(10**9)
+    (1, 1, 2, 256)
+    """
+    if int(shard_size) < 1:
+        raise ValueError(f"shard_size must be a positive number of lines, got {shard_size}")
+    return max(1, min(MAX_SHARDS, math.ceil(int(lines) / int(shard_size))))
+
+
 def shard_name(index: int) -> str:
     """The folder name of shard ``index``: ``shard-00003``."""
     return f"{SHARD_FOLDER_PREFIX}{index:0{_SHARD_DIGITS}d}"
@@ -197,6 +222,69 @@ def split_into_shards(
             os.unlink(local)
             folders.append(folder)
     return list(zip(folders, counts))
+
+
+def shard_staged_input(
+    input_uri: str | ObjectStoragePath, *, shard_size: int = DEFAULT_SHARD_SIZE, lines: int | None = None
+) -> list[dict[str, Any]]:
+    """Split staged input into shards for ``HubSpotWriteStatusesOperator.partial(...).expand_kwargs(...)``.
+
+    ``input_uri`` is what the operator's ``input_uri`` takes: a JSONL file, or a folder whose
+    ``*.jsonl`` files are read in name order. Input of up to ``shard_size`` lines is one shard, the
+    input itself (nothing is copied). Bigger input is split into :func:`shard_count` folders by
+    :func:`split_into_shards`: a folder's shards go inside it (``<folder>/shard-NNNNN/``, which the
+    folder's own readers skip), a file's beside it (``<file>.shards/shard-NNNNN/``). Shard folders of
+    an earlier call are removed first, with any checkpoint a write task left in them, so each new
+    shard is written from its first line.
+
+    Each shard's write task keeps its own checkpoint in its folder and names its dead-letter and
+    ledger parts after it (``part-shard-00003-…``), so shards sharing a dead-letter folder never
+    overwrite each other's parts, and a retry resumes its own shard only.
+
+    :param shard_size: lines per shard (about: a hash spreads contacts, it does not count them).
+    :param lines: how many non-blank lines the input holds, when already counted; else it is counted.
+    :return: one dict per shard: ``{"input_uri", "input_count"}`` (small, XCom-safe).
+    """
+    root = ObjectStoragePath(str(input_uri))
+    if root.is_dir():
+        files, target = jsonl_files(root), root
+    elif root.is_file():
+        files, target = [root], root.with_name(root.name + ".shards")
+    else:
+        raise FileNotFoundError(f"input_uri {input_uri} is neither a file nor a folder")
+    if lines is None:
+        lines = sum(1 for path in files for _raw in _non_blank(path))
+    shards = shard_count(lines, shard_size)
+    if target.is_dir():
+        for child in target.iterdir():
+            if child.name.startswith(SHARD_FOLDER_PREFIX) and child.is_dir():
+                remove_tree(child)
+    if shards == 1:
+        return [{"input_uri": str(root), "input_count": int(lines)}]
+    name = root.name if root.is_file() else "statuses.jsonl"
+    return [{"input_uri": str(folder), "input_count": count}
+            for folder, count in split_into_shards(files, target, shards, name)]
+
+
+def _non_blank(path: ObjectStoragePath) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        for raw in handle:
+            if raw.strip():
+                yield raw
+
+
+def remove_tree(folder: ObjectStoragePath) -> None:
+    """Remove a folder and everything in it, through the object-storage API (buckets have no real
+    folders, so this works on them as on disk)."""
+    for child in folder.iterdir():
+        if child.is_dir():
+            remove_tree(child)
+        else:
+            child.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except (OSError, NotImplementedError):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------- files

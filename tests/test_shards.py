@@ -19,7 +19,7 @@ from airflow.sdk.io import attach
 
 from hubspot_provider import consent
 from hubspot_provider.results import WriteReport
-from hubspot_provider.staging import contact_of, shard_name, shard_of, split_into_shards
+from hubspot_provider.staging import contact_of, shard_name, shard_of, shard_staged_input, split_into_shards
 
 CONTACTS = [f"user{i}@example.com" for i in range(200)]
 
@@ -103,6 +103,31 @@ def test_split_gives_every_shard_a_file_even_an_empty_one(tmp_path):
     shards = split_into_shards([source / "s.jsonl"], source, 3, "statuses.jsonl")
     assert sorted(count for _folder, count in shards) == [0, 0, 1]
     assert all((folder / "statuses.jsonl").is_file() for folder, _count in shards)
+
+
+def test_shard_staged_input_for_a_file_or_a_folder_of_the_operator(tmp_path):
+    # What a DAG that stages its own input maps HubSpotWriteStatusesOperator over.
+    folder = ObjectStoragePath((tmp_path / "staged").as_uri())
+    folder.mkdir(parents=True)
+    (folder / "a.jsonl").write_text("".join(staged(e, 1001) + "\n" for e in CONTACTS[:30]) + "\n\n")
+    (folder / "b.jsonl").write_text("".join(staged(e, 1002) + "\n" for e in CONTACTS[:30]))
+
+    assert shard_staged_input(folder, shard_size=60) == [{"input_uri": str(folder), "input_count": 60}]
+    shards = shard_staged_input(folder, shard_size=20)
+    assert len(shards) == 3 and sum(s["input_count"] for s in shards) == 60
+    assert [ObjectStoragePath(s["input_uri"]).parent for s in shards] == [folder] * 3
+    assert names(folder) == {"a.jsonl", "b.jsonl", *(shard_name(i) for i in range(3))}
+    # The folder's own files are what the operator reads there: the shard sub-folders are skipped.
+    from hubspot_provider.staging import jsonl_files
+    assert [p.name for p in jsonl_files(folder)] == ["a.jsonl", "b.jsonl"]
+
+    single = folder / "a.jsonl"
+    shards = shard_staged_input(single, shard_size=10)
+    assert len(shards) == 3 and sum(s["input_count"] for s in shards) == 30
+    assert {ObjectStoragePath(s["input_uri"]).parent.name for s in shards} == {"a.jsonl.shards"}
+    assert {p.name for p in (ObjectStoragePath(shards[0]["input_uri"])).iterdir()} == {"a.jsonl"}
+    with pytest.raises(FileNotFoundError):
+        shard_staged_input(folder / "missing.jsonl")
 
 
 def validated_run(run: ObjectStoragePath, emails: list[str]) -> dict:

@@ -200,6 +200,11 @@ class HubSpotWriteStatusesOperator(BaseOperator):
       (without retries) only if ``failed / submitted`` exceeds ``max_failed_ratio``.
     * HubSpot staying unavailable fails the task (a task retry resumes from the checkpoint);
       authentication, scope and connection errors fail it without retries.
+    * **Shards.** A big input can be written by several tasks at once: split it with
+      :func:`~hubspot_provider.staging.shard_staged_input` (each contact's lines in one shard, in
+      order) and map the operator over the shards. Each task keeps its checkpoint in its shard's
+      folder and names its dead-letter and ledger parts after it, so shards share
+      ``dead_letter_uri`` and ``ledger_uri`` and a retry resumes its own shard only.
 
     Returns (XCom) a summary of counts, never records: ``submitted, succeeded, changed,
     unchanged, superseded, failed, skipped, failed_by_category, reasons, dead_letter_uri,
@@ -208,7 +213,10 @@ class HubSpotWriteStatusesOperator(BaseOperator):
 
     .. code-block:: python
 
+        from airflow.sdk import task
+
         from hubspot_provider.operators.hubspot import HubSpotWriteStatusesOperator
+        from hubspot_provider.staging import shard_staged_input
 
         sync = HubSpotWriteStatusesOperator(
             task_id="write_statuses",
@@ -221,6 +229,15 @@ class HubSpotWriteStatusesOperator(BaseOperator):
             input_uri="s3://aws_default@consent-bucket/staged/{{ ds }}/dead-letters/",
             only_retryable=True,
         )
+
+        # A big day written by several workers, one task per shard, through the pool.
+        @task
+        def shards(ds=None):
+            return shard_staged_input(f"s3://aws_default@consent-bucket/staged/{ds}/", shard_size=100_000)
+
+        HubSpotWriteStatusesOperator.partial(
+            task_id="write_shards", pool="hubspot_api", deferrable=True,
+        ).expand_kwargs(shards())
 
     :param inputs: inline inputs (dicts, camelCase or snake_case, optionally wrapped as
         ``{"input": ..., "occurredAt": ...}``). Templated; exactly one of ``inputs`` and
