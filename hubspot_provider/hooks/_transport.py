@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import random
@@ -335,6 +336,15 @@ class Auth:
     refresh: Callable[[int], None] | None = None
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class Transport:
     """Sends requests to one HubSpot base URL under the rules in this module's docstring."""
 
@@ -546,13 +556,35 @@ class Transport:
         )
 
     def _tls_error(self, exc: requests.exceptions.SSLError) -> HubSpotConfigError:
+        """A failed TLS handshake as the setting it is: a wrong scheme or an untrusted certificate.
+
+        It is raised at once, never retried: waiting does not change a scheme, so it must not read as
+        HubSpot being unavailable.
+        """
         where = urlparse(self.base_url)
-        found = re.search(r"\[SSL: ([A-Z_]+)\]|(certificate verify failed[^'\")]*)", str(exc))
+        host, port = where.hostname or "", where.port or 443
+        text = str(exc)
+        found = re.search(r"\[SSL: ([A-Z_]+)\]|(certificate verify failed[^'\")]*)", text)
         reason = (found.group(1) or found.group(2)) if found else type(exc).__name__
+        if "certificate" in text.lower():
+            advice = (
+                "the server's certificate is not trusted here. HubSpot's API (https://api.hubapi.com) has a "
+                "valid one: check the host, any proxy or TLS inspection in between, and REQUESTS_CA_BUNDLE"
+            )
+        elif _is_loopback(host):
+            advice = (
+                "the server there does not speak TLS (the emulator speaks plain http), but the connection's "
+                f"scheme is https, the default when the host names none. Set the host to http://{host}:{port}, "
+                f"or end the URI form with /http (hubspot://:<token>@{host}:{port}/http)"
+            )
+        else:
+            advice = (
+                "the server there does not speak TLS as HubSpot's API does. Check the host (HubSpot's API is "
+                "https://api.hubapi.com) and any proxy in between"
+            )
         return HubSpotConfigError(
-            f"TLS with {where.hostname}:{where.port or 443} failed ({reason}) for connection {self.conn_id!r}. "
-            "HubSpot's API needs https:// with a valid certificate; a loopback emulator or test server speaks "
-            "plain http:// (set the host to http://127.0.0.1:<port>). This is not retried: it will not fix itself"
+            f"TLS with {host}:{port} failed ({reason}) for connection {self.conn_id!r}: {advice}. A scheme or "
+            "certificate is a setting, not an outage: this is not retried"
         )
 
     # ------------------------------------------------------------------ what the answer means
