@@ -34,7 +34,7 @@ newer days have run does not put back statuses that changed since: those keys ar
 their later events.
 
 Source contract: ``consent_events(email, subscription_id, status, legal_basis,
-legal_basis_explanation, occurred_at)``, see :mod:`hubspot_provider.consent`.
+legal_basis_explanation, occurred_at)``: the README's "Source contract" has the table's DDL.
 """
 
 from __future__ import annotations
@@ -48,11 +48,12 @@ from airflow.sdk.configuration import conf
 from hubspot_provider import consent
 from hubspot_provider.notifications import DeadLetterNotifier
 from hubspot_provider.operators.hubspot import HubSpotWriteStatusesOperator
+from hubspot_provider.run_summary import RunSummaryNotifier, show_run_summary
 
 # Alerts go through Airflow notifiers: when a run has failures, and when the write step itself fails.
 # Add your own (a SlackNotifier, an e-mail notifier); the run's summary (counts and paths, never
 # records or emails) is in their template context as ``hubspot_summary``.
-ALERT_NOTIFIERS: list[BaseNotifier] = [DeadLetterNotifier()]
+ALERT_NOTIFIERS: list[BaseNotifier] = [DeadLetterNotifier(), RunSummaryNotifier()]
 
 # Task retries resume the write from its checkpoint after HubSpot outages longer than the hook's own
 # retry budget. `airflow dags test` sits out retry_delay between tries, so demos and local runs set
@@ -72,31 +73,37 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
             "hubspot_consent_source",
             type="string",
             minLength=1,
+            title="Source connection",
             description="Airflow SQL connection holding the consent table.",
         ),
         "source_table": Param(
             "consent_events",
             type="string",
             pattern=consent.IDENTIFIER_PATTERN,
-            description="Table or view with the source contract's columns; a plain, optionally "
-            "schema-qualified, name.",
+            title="Source table",
+            description="Table or view with the source contract's columns: letters, digits and _ "
+            "(not starting with a digit), optionally schema.table; no quotes, spaces or semicolons.",
         ),
         "hubspot_conn_id": Param(
-            "hubspot_default", type="string", minLength=1, description="HubSpot connection."
+            "hubspot_default", type="string", minLength=1, title="HubSpot connection",
+            description="HubSpot connection."
         ),
         "storage_uri": Param(
             None,
             type=["null", "string"],
+            title="Storage folder",
             description="Object-storage folder for staged files and dead letters; empty for "
             "file://$AIRFLOW_HOME/hubspot_consent on the worker.",
         ),
         "batch_size": Param(
-            100, type="integer", minimum=1, maximum=1000, description="Inputs per HubSpot request."
+            100, type="integer", minimum=1, maximum=1000, title="Batch size",
+            description="Inputs per HubSpot request: 1 to 1000 (HubSpot's batch maximum)."
         ),
         "shard_size": Param(
             consent.DEFAULT_SHARD_SIZE,
             type="integer",
             minimum=1,
+            title="Shard size",
             description="Valid statuses per shard: a bigger day is split by contact into shards written by "
             "parallel submit tasks through the hubspot_api pool; a day up to this size is one shard.",
         ),
@@ -105,12 +112,14 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
             type="number",
             minimum=0,
             maximum=1,
+            title="Largest failed share",
             description="Largest share of the interval's events that may fail before the run fails.",
         ),
         "max_unplaceable_rows": Param(
             100,
             type=["null", "integer"],
             minimum=0,
+            title="Most unplaceable rows",
             description="Rows of the source whose occurred_at fits no data interval (NULL, unreadable, "
             "impossible) that may exist before a run fails. They are listed by every run and belong to no "
             "day's failure ratio; null: no limit.",
@@ -118,6 +127,7 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
         "audit_conn_id": Param(
             None,
             type=["null", "string"],
+            title="Ledger connection",
             description="Optional SQL connection the ledger (an audit record of every write) is also "
             "appended to; the files under <run>/audit/ are always written.",
         ),
@@ -125,12 +135,14 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
             "hubspot_consent_ledger",
             type="string",
             pattern=consent.IDENTIFIER_PATTERN,
+            title="Ledger table",
             description="The ledger table on audit_conn_id (DDL in the README).",
         ),
         "hubspot_changes": Param(
             "respect_opt_outs",
             type="string",
             enum=["respect_opt_outs", "respect_all", "source_wins"],
+            title="Consent changed in HubSpot",
             description="Consent changed inside HubSpot after the source event (footer unsubscribe, "
             "preferences page, HubSpot's UI): respect_opt_outs keeps a newer HubSpot-side opt-out "
             "(the write is withheld and reported); respect_all keeps any newer HubSpot-side change; "
@@ -139,12 +151,14 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
         "dry_run": Param(
             False,
             type="boolean",
+            title="Dry run",
             description="Write nothing: read HubSpot's current statuses and write the plan (what would "
             "change, what is already so, what would be withheld) under <run>/plan/.",
         ),
         "later_events_win": Param(
             True,
             type="boolean",
+            title="Later events win",
             description="Leave out contacts the source changed again after the interval, so a backfill "
             "of an old day never puts back a status that has changed since. Off: sync the interval's "
             "latest events whatever happened later.",
@@ -198,8 +212,8 @@ def hubspot_consent_sync() -> None:
     def report(
         extracted: dict[str, Any], validated: dict[str, Any], submitted: list[dict[str, Any]]
     ) -> dict[str, Any]:
-        """Log the run's counts and write its summary.json."""
-        return consent.report_run(extracted, validated, submitted)
+        """Log the run's counts, write its summary.json and show it in the UI (the run's note)."""
+        return show_run_summary(consent.report_run(extracted, validated, submitted))
 
     @task(multiple_outputs=False)
     def summarise_dead_letters(

@@ -48,17 +48,20 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
         "dead_letter_uri": Param(
             type="string",
             minLength=1,
+            title="Dead letters to replay",
             description="Dead-letter folder or part file of a consent sync run (an object-storage URI).",
         ),
         "include_non_retryable": Param(
             False,
             type="boolean",
+            title="Include non-retryable",
             description="Also re-submit dead letters that failed for good (invalid input, unknown "
             "subscription), e.g. after fixing the cause in HubSpot.",
         ),
         "source_conn_id": Param(
             "hubspot_consent_source",
             type=["null", "string"],
+            title="Source connection",
             description="SQL connection of the consent source, read for events after each dead letter: "
             "a dead letter the source has overtaken is not replayed. Null replays without the check.",
         ),
@@ -66,19 +69,24 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
             "consent_events",
             type="string",
             pattern=consent.IDENTIFIER_PATTERN,
-            description="The consent source's table or view.",
+            title="Source table",
+            description="The consent source's table or view: letters, digits and _ (not starting with a "
+            "digit), optionally schema.table; no quotes, spaces or semicolons.",
         ),
         "hubspot_conn_id": Param(
-            "hubspot_default", type="string", minLength=1, description="HubSpot connection."
+            "hubspot_default", type="string", minLength=1, title="HubSpot connection",
+            description="HubSpot connection."
         ),
         "batch_size": Param(
-            100, type="integer", minimum=1, maximum=1000, description="Inputs per HubSpot request."
+            100, type="integer", minimum=1, maximum=1000, title="Batch size",
+            description="Inputs per HubSpot request."
         ),
         "max_failed_ratio": Param(
             0.25,
             type="number",
             minimum=0,
             maximum=1,
+            title="Largest failed share",
             description="Largest share of the replayed inputs that may fail again before the run fails.",
         ),
     },

@@ -462,11 +462,6 @@ def test_a_connection_made_in_the_form_tests_green_and_syncs_a_day_from_the_trig
     shots(page, "5-run")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="waits for dags/hubspot_consent_sync.py to call hubspot_provider.run_summary.show_run_summary "
-    "(report) and to alert a RunSummaryNotifier (summarise_dead_letters)",
-)
 def test_the_runs_summary_is_shown_in_the_grid_view(page, airflow, shots):
     run_id = getattr(airflow, "run_id", None)
     assert run_id, "the run from the trigger form did not finish"

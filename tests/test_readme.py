@@ -565,6 +565,20 @@ def test_airflow_discovers_the_provider_and_its_setting_as_shown(fresh_venv):
             )
 
 
+@runs("example-dags")
+def test_the_wheel_ships_the_example_dags_and_they_load_where_the_readme_copies_them(fresh_venv):
+    dags = fresh_venv.root / "dags-folder"
+    dags.mkdir()
+    env = {**fresh_venv.env, "AIRFLOW__CORE__DAGS_FOLDER": str(dags)}
+    sh("airflow db migrate", env, fresh_venv.work)  # the user's Airflow has its database
+    for command, expected in console(block("example-dags")):
+        printed = sh(command, env, fresh_venv.work).stdout
+        # Airflow's CLI prints a warning (no graphviz) on stdout before its answer.
+        shown = "\n".join(printed.strip().splitlines()[-len(expected):]) if expected else printed
+        assert same_lines(expected, shown), f"$ {command}\nthe README shows:\n{expected}\nit printed:\n{printed}"
+    assert sorted(p.name for p in dags.glob("*.py")) == ["hubspot_consent_sync.py", "hubspot_dead_letter_replay.py"]
+
+
 def read_statuses(emulator_url: str, token: str, emails: list[str], monkeypatch) -> dict[str, dict[int, str]]:
     """Statuses as HubSpot's read API answers them, through this session's own hook."""
     from hubspot_provider.hooks.hubspot import HubSpotHook
