@@ -30,6 +30,14 @@ def answer(pacer: RateLimitPacer, *, others: int, rate_limited: bool = False) ->
     pacer.release(headers(others + ours), rate_limited=rate_limited)
 
 
+def test_a_new_writer_sends_one_request_until_the_first_answer():
+    pacer = RateLimitPacer(MAX, 1.0)
+    assert pacer.acquire(timeout=0.5)
+    assert not pacer.acquire(timeout=0.05)  # the window may be full of another worker's requests
+    pacer.release(headers(MAX - 2))  # 48 of 50: others hold 47
+    assert pacer.others == MAX - 3 and pacer.share is not None and pacer.share <= 2
+
+
 def test_without_headers_the_share_is_the_budget():
     pacer = RateLimitPacer(MAX, 1.0)
     for _ in range(5):
@@ -85,6 +93,7 @@ def test_a_429_cuts_the_share():
 def at_budget(own: int, seed: int) -> RateLimitPacer:
     """A pacer holding ``own`` requests of the window, with its share at ``own``."""
     pacer = RateLimitPacer(rng=random.Random(seed))
+    pacer._answered = True  # past the first answer's probe
     for _ in range(own):
         assert pacer.acquire(timeout=0.5)
     pacer._in_flight = 0

@@ -56,8 +56,9 @@ class RateLimitPacer:
       alone sends as fast as its window allows); a share's fraction is
       dithered so that small shares add up to the budget on average.
 
-    Without rate-limit headers (a proxy that strips them) the share is the budget: local
-    accounting. Thread-safe.
+    Until the first answer a writer sends one request: a new writer (a shard's task starting while
+    another worker fills the window) would otherwise send a burst into a full window. Without
+    rate-limit headers (a proxy that strips them) the share is the budget: local accounting. Thread-safe.
     """
 
     # Part of the room all writers together take per round trip.
@@ -89,6 +90,7 @@ class RateLimitPacer:
         self._rng = rng or random.Random()
         self._dither = self._rng.random()
         self._grown_at = 0.0
+        self._answered = False
         self.others = 0  # other writers' requests in the window at the last answer
 
     @property
@@ -108,7 +110,10 @@ class RateLimitPacer:
 
     def _limit(self) -> int:
         if self._share is None:
-            return self.budget
+            # One request until the first answer tells how full the app's window is (another
+            # worker may have filled it): the reserve absorbs that probe. Answers without HubSpot's
+            # headers (a proxy strips them) leave local accounting.
+            return self.budget if self._answered else 1
         return max(1, math.floor(self._share + self._dither))
 
     def acquire(self, timeout: float | None = None) -> bool:
@@ -158,6 +163,7 @@ class RateLimitPacer:
                 self._local.started_at = None
                 self._latencies.append(now - started)
                 self._margin = min(max(self._latencies) - min(self._latencies), self.interval_s / 50)
+            self._answered = True
             if headers:
                 self._learn(headers, now, rate_limited, started)
             self._cond.notify_all()
