@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 from hubspot_provider.hooks._pacer import RateLimitPacer
 from hubspot_provider.hooks.hubspot import HubSpotHook
@@ -38,13 +39,51 @@ def test_a_new_writer_sends_one_request_until_the_first_answer():
     assert pacer.others == MAX - 3 and pacer.share is not None and pacer.share <= 2
 
 
+def test_a_request_without_an_answer_does_not_end_the_probe():
+    pacer = RateLimitPacer(MAX, 1.0)
+    assert pacer.acquire(timeout=0.5)
+    pacer.release(None)  # a timeout or a dropped connection: nothing learned
+    assert not pacer._answered and not pacer._latencies
+    assert pacer.acquire(timeout=0.5)
+    assert not pacer.acquire(timeout=0.05)  # still one at a time
+
+
+def test_hostile_readings_are_ignored_and_a_lower_limit_caps_the_share():
+    pacer = RateLimitPacer(MAX, 1.0)
+    for bad in ({"X-HubSpot-RateLimit-Max": "1" + "0" * 400, "X-HubSpot-RateLimit-Interval-Milliseconds": "1000",
+                 "X-HubSpot-RateLimit-Remaining": "5"},
+                {"X-HubSpot-RateLimit-Max": "100", "X-HubSpot-RateLimit-Interval-Milliseconds": "1" + "0" * 15,
+                 "X-HubSpot-RateLimit-Remaining": "5"},
+                {"X-HubSpot-RateLimit-Max": "0", "X-HubSpot-RateLimit-Interval-Milliseconds": "1000",
+                 "X-HubSpot-RateLimit-Remaining": "0"}):
+        assert pacer.acquire(timeout=0.5)
+        pacer.release(bad)
+        assert (pacer.max_requests, pacer.interval_s, pacer.share) == (MAX, 1.0, None)
+    answer(pacer, others=0)
+    assert pacer.share == MAX - 1
+    assert pacer.acquire(timeout=0.5)
+    pacer.release(headers(3, maximum=20))  # the app's limit went down
+    assert pacer.share is not None and pacer.share <= 19
+
+
+def test_history_stays_bounded_without_headers():
+    pacer = RateLimitPacer(MAX, 0.01)
+    for _ in range(300):
+        assert pacer.acquire(timeout=1)
+        pacer.release({})  # answers without rate-limit headers
+    time.sleep(1.1)
+    assert pacer.acquire(timeout=1)
+    assert len(pacer._history) == 1
+
+
 def test_without_headers_the_share_is_the_budget():
     pacer = RateLimitPacer(MAX, 1.0)
-    for _ in range(5):
+    for _ in range(RateLimitPacer.HEADERLESS_ANSWERS):
         assert pacer.acquire(timeout=0.5)
-        pacer.release(None)
+        pacer.release({"Content-Type": "application/json"})  # answers, without rate-limit headers
     assert pacer.share is None
     assert pacer._limit() == pacer.budget == MAX - 1
+    assert all(pacer.acquire(timeout=0.5) for _ in range(4))  # no longer one at a time
 
 
 def test_a_writer_alone_takes_the_whole_budget():

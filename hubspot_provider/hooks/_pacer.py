@@ -57,8 +57,9 @@ class RateLimitPacer:
       dithered so that small shares add up to the budget on average.
 
     Until the first answer a writer sends one request: a new writer (a shard's task starting while
-    another worker fills the window) would otherwise send a burst into a full window. Without
-    rate-limit headers (a proxy that strips them) the share is the budget: local accounting. Thread-safe.
+    another worker fills the window) would otherwise send a burst into a full window. After a few
+    answers without rate-limit headers (a proxy that strips them) the share is the budget: local
+    accounting. Readings that are zero, negative or absurdly large are ignored. Thread-safe.
     """
 
     # Part of the room all writers together take per round trip.
@@ -71,6 +72,11 @@ class RateLimitPacer:
     YIELD = 0.08
     # Starts are at least this part of the share's even spacing apart.
     SPACING = 0.6
+    # Answers without rate-limit headers after which a new writer stops probing with one request.
+    HEADERLESS_ANSWERS = 3
+    # Readings beyond these are ignored (HubSpot's largest limit is a few hundred per 10 s).
+    MAX_REQUESTS_CAP = 1_000_000
+    INTERVAL_MS_CAP = 86_400_000
 
     def __init__(self, max_requests: int = 100, interval_s: float = 10.0, reserve: int | None = None,
                  *, rng: random.Random | None = None) -> None:
@@ -91,6 +97,7 @@ class RateLimitPacer:
         self._dither = self._rng.random()
         self._grown_at = 0.0
         self._answered = False
+        self._headerless = 0
         self.others = 0  # other writers' requests in the window at the last answer
 
     @property
@@ -110,10 +117,7 @@ class RateLimitPacer:
 
     def _limit(self) -> int:
         if self._share is None:
-            # One request until the first answer tells how full the app's window is (another
-            # worker may have filled it): the reserve absorbs that probe. Answers without HubSpot's
-            # headers (a proxy strips them) leave local accounting.
-            return self.budget if self._answered else 1
+            return self.budget
         return max(1, math.floor(self._share + self._dither))
 
     def acquire(self, timeout: float | None = None) -> bool:
@@ -131,12 +135,17 @@ class RateLimitPacer:
                 horizon = now - self.interval_s - self._margin
                 while self._started and self._started[0] <= horizon:
                     self._started.popleft()
+                while self._history and self._history[0] <= now - 2 * self.interval_s - 1:
+                    self._history.popleft()
                 limit_n = self._limit()
                 # Starts are spread evenly over the window: no bursts, so no burst of slots leaving
                 # the window at once that every writer would race to fill.
                 spaced = (self._started[-1] + self.interval_s / limit_n * self.SPACING
                           if self._started and self.others else now)
-                if len(self._started) < limit_n and now >= spaced:
+                # Until the first answer tells how full the app's window is (another worker may have
+                # filled it), one request at a time: the reserve absorbs that probe.
+                probing = not self._answered and self._in_flight > 0
+                if len(self._started) < limit_n and now >= spaced and not probing:
                     self._in_flight += 1
                     self._started.append(now)
                     self._history.append(now)
@@ -159,31 +168,36 @@ class RateLimitPacer:
                 self._consecutive_429 = 0
             now = time.monotonic()
             started = getattr(self._local, "started_at", None)
-            if started is not None:
-                self._local.started_at = None
-                self._latencies.append(now - started)
-                self._margin = min(max(self._latencies) - min(self._latencies), self.interval_s / 50)
-            self._answered = True
-            if headers:
-                self._learn(headers, now, rate_limited, started)
+            self._local.started_at = None
+            if headers is not None:  # an answer (None: nothing came back, nothing to learn)
+                if started is not None:
+                    self._latencies.append(now - started)
+                    self._margin = min(max(self._latencies) - min(self._latencies), self.interval_s / 50)
+                if self._learn(headers, now, rate_limited, started):
+                    self._answered = True
+                else:
+                    # Answers without HubSpot's headers (a proxy strips them, or the token
+                    # endpoint): after a few, fall back to local accounting.
+                    self._headerless += 1
+                    self._answered = self._answered or self._headerless >= self.HEADERLESS_ANSWERS
             self._cond.notify_all()
 
-    def _learn(self, headers: Mapping[str, str], now: float, rate_limited: bool, started: float | None) -> None:
+    def _learn(self, headers: Mapping[str, str], now: float, rate_limited: bool, started: float | None) -> bool:
+        """Steer the share by one answer's headers; ``False`` when they hold no usable reading."""
         try:
             maximum = int(headers["X-HubSpot-RateLimit-Max"])
             interval_ms = int(headers["X-HubSpot-RateLimit-Interval-Milliseconds"])
             remaining = int(headers["X-HubSpot-RateLimit-Remaining"])
         except (KeyError, ValueError, TypeError):
-            return
-        if maximum <= 0 or interval_ms <= 0:
-            return
+            return False
+        # A hostile or broken reading (zero, negative, absurdly large) is ignored, not learned.
+        if not (0 < maximum <= self.MAX_REQUESTS_CAP and 0 < interval_ms <= self.INTERVAL_MS_CAP):
+            return False
         self.max_requests = maximum
         self.interval_s = interval_ms / 1000
         horizon = now - self.interval_s
         ours = sum(1 for t in self._started if t > horizon)
         history = self._history
-        while history and history[0] <= now - 2 * self.interval_s - 1:
-            history.popleft()
         if started is not None:
             # HubSpot counted this request when it arrived, and with it every request of ours that
             # arrived in the window before: those that started in the window before this one did
@@ -220,9 +234,11 @@ class RateLimitPacer:
                 share = min(share, budget - others - phantom)
             elif others and free < 0.5 and self._rng.random() < self.YIELD * share / (share + others):
                 share -= 1
-        self._share = max(1.0, share)
+        # Never above the budget: a limit that went down (or a share learned from an odd reading).
+        self._share = max(1.0, min(share, float(budget)))
         if self._rng.random() < 1 / max(1.0, ours):
             self._dither = self._rng.random()
+        return True
 
     def block_for(self, seconds: float) -> None:
         """Hold every start for ``seconds`` (after a 429, the window is fuller than we knew)."""
