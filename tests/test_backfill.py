@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from sqlalchemy.exc import DBAPIError
 from consent_days import changes_over_days, latest_of_all_days, write_consent_table
+from services import fresh_postgres_database, stop_process_groups
 
 from hubspot_provider import consent
 
@@ -69,16 +68,7 @@ class Airflow:
         ))
 
     def stop(self) -> None:
-        for process in self.services:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        for process in self.services:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_groups(self.services)
 
     def query(self, sql: str, **parameters: object) -> list[tuple]:
         from sqlalchemy import text
@@ -124,24 +114,8 @@ def metadata_db(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'airflow' / 'airflow.db'}?timeout=60"
         return
-    import psycopg2
-
-    from test_real_databases import PG, unavailable
-
-    try:
-        admin = psycopg2.connect(connect_timeout=3, **PG)
-    except psycopg2.OperationalError as exc:
-        unavailable(f"PostgreSQL at {PG['host']}:{PG['port']}", exc)
-    admin.autocommit = True
-    name = f"airflow_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
+    with fresh_postgres_database("airflow") as url:
+        yield url
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -29,6 +28,7 @@ from typing import Any
 import pytest
 import requests
 from consent_days import changes_over_days, write_consent_table
+from services import stop_process_groups
 
 from hubspot_provider.run_summary import FIELD, run_summary_note, run_summary_text
 from hubspot_provider.testing import HubSpotEmulator
@@ -98,16 +98,7 @@ class Airflow:
         )
 
     def stop(self) -> None:
-        for process in self.services:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        for process in self.services:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_groups(self.services)
 
     def login(self) -> None:
         answer = requests.post(
@@ -203,6 +194,9 @@ def airflow(tmp_path_factory) -> Iterator[Airflow]:
         af.emulator.stop()
 
 
+# What a connection made in the form keeps in its extra: no empty fields' nulls, no short defaults.
+SAVED_EXTRA = {"batch_size": 100, "timeout": 30, "deadline": 60, "max_response_bytes": 33554432, "max_retries": 8}
+
 # --------------------------------------------------------------------------- the API, as the form calls it
 
 
@@ -234,13 +228,7 @@ def test_what_the_form_sends_is_saved_clean_and_tests_green(airflow):
     )
     assert saved.status_code == 201, saved.text
     stored = airflow.stored_connection("hubspot_api_form")
-    assert json.loads(stored["extra"]) == {
-        "batch_size": 100,
-        "timeout": 30,
-        "deadline": 60,
-        "max_response_bytes": 33554432,
-        "max_retries": 8,
-    }
+    assert json.loads(stored["extra"]) == SAVED_EXTRA
 
     # What the list answers (and the edit form shows): every field, the defaults filled in, secrets hidden.
     listed = airflow.get("connections/hubspot_api_form")
@@ -392,13 +380,7 @@ def test_a_connection_made_in_the_form_tests_green_and_syncs_a_day_from_the_trig
     stored = airflow.stored_connection("hubspot_default")
     assert stored["host"] == url and stored["port"] is None
     # Saved without the empty fields' nulls and without the short defaults Airflow's masker warns about.
-    assert json.loads(stored["extra"]) == {
-        "batch_size": 100,
-        "timeout": 30,
-        "deadline": 60,
-        "max_response_bytes": 33554432,
-        "max_retries": 8,
-    }
+    assert json.loads(stored["extra"]) == SAVED_EXTRA
 
     # Test from the list: green, although the list sends port 0 for the empty port.
     result = click_test(page, airflow, "Test Connection Successful")

@@ -30,7 +30,8 @@ import pytest
 from consent_days import changes_over_days, latest_of_all_days, write_consent_table
 from distributed_worker import WORKER_ENV
 from test_backfill import Airflow, free_port
-from test_real_databases import PG, unavailable
+from services import fresh_postgres_database
+from test_real_databases import unavailable
 
 from hubspot_provider import consent
 
@@ -120,22 +121,8 @@ def redis_broker():
 @pytest.fixture
 def postgres_db():
     """A fresh PostgreSQL database for Airflow's metadata and Celery's results, dropped afterwards."""
-    import psycopg2
-
-    try:
-        admin = psycopg2.connect(connect_timeout=3, **PG)
-    except psycopg2.OperationalError as exc:
-        unavailable(f"PostgreSQL at {PG['host']}:{PG['port']}", exc)
-    admin.autocommit = True
-    name = f"airflow_celery_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
+    with fresh_postgres_database("airflow_celery") as url:
+        yield url
 
 
 @pytest.fixture

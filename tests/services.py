@@ -1,0 +1,49 @@
+"""Helpers for tests that start real services: stopping their process groups, a fresh PostgreSQL database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+
+def stop_process_groups(processes: Iterable[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """SIGTERM every process group still running, then SIGKILL those not gone within ``grace_s``."""
+    processes = list(processes)
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@contextmanager
+def fresh_postgres_database(prefix: str) -> Iterator[str]:
+    """A new database on the local PostgreSQL (a SQLAlchemy URL), dropped afterwards."""
+    import psycopg2
+
+    from test_real_databases import PG, unavailable
+
+    try:
+        admin = psycopg2.connect(connect_timeout=3, **PG)
+    except psycopg2.OperationalError as exc:
+        unavailable(f"PostgreSQL at {PG['host']}:{PG['port']}", exc)
+    admin.autocommit = True
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
