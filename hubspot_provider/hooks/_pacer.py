@@ -32,9 +32,9 @@ class RateLimitPacer:
     window. Every answer's ``X-HubSpot-RateLimit-Remaining`` says how full the whole app's window
     is; the writer's own requests that HubSpot counted with it (those started within a window
     before it: arrival times differ from start times by the latency, alike for all) are taken off,
-    and what is left is the others'. Each writer steers its share so that the shares add up to the ``budget`` (the
-    limit less a 1% reserve, at least one request, and one more while others write), with rules
-    that add up right without knowing how many writers there are:
+    and what is left is the others'. Each writer steers its share so that the shares add up to the
+    ``budget`` (the limit less a 1% reserve, at least one request, and one more while others
+    write), with rules that add up right without knowing how many writers there are:
 
     * **Alone** (the window holds nobody else's requests): the whole budget.
     * **Room left**: a writer takes half the room times its part of the window, so all together
@@ -78,11 +78,11 @@ class RateLimitPacer:
     MAX_REQUESTS_CAP = 1_000_000
     INTERVAL_MS_CAP = 86_400_000
 
-    def __init__(self, max_requests: int = 100, interval_s: float = 10.0, reserve: int | None = None,
-                 *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, max_requests: int = 100, interval_s: float = 10.0, *, rng: random.Random | None = None
+    ) -> None:
         self.max_requests = max_requests
         self.interval_s = interval_s
-        self._fixed_reserve = reserve
         self._started: deque[float] = deque()  # start times of this writer's requests in the window
         self._history: deque[float] = deque()  # and over the last two windows
         self._in_flight = 0
@@ -102,8 +102,7 @@ class RateLimitPacer:
 
     @property
     def reserve(self) -> int:
-        if self._fixed_reserve is not None:
-            return self._fixed_reserve
+        """Requests of the limit left unused: 1%, at least one."""
         return max(1, round(self.max_requests * 0.01))
 
     @property
@@ -182,7 +181,9 @@ class RateLimitPacer:
                     self._answered = self._answered or self._headerless >= self.HEADERLESS_ANSWERS
             self._cond.notify_all()
 
-    def _learn(self, headers: Mapping[str, str], now: float, rate_limited: bool, started: float | None) -> bool:
+    def _learn(
+        self, headers: Mapping[str, str], now: float, rate_limited: bool, started: float | None
+    ) -> bool:
         """Steer the share by one answer's headers; ``False`` when they hold no usable reading."""
         try:
             maximum = int(headers["X-HubSpot-RateLimit-Max"])
