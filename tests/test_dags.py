@@ -793,19 +793,22 @@ def test_a_failed_shard_retries_alone_and_resumes_from_its_own_checkpoint(
     hubspot_conn(emulator, max_retries=1)
     rows = day_events(90, per_key=1)
     consent_source(rows)
-    # One status per request, so a shard of 30 is two checkpointed segments (20 × batch_size lines, then
-    # 10). The first 20 writes go through; then HubSpot fails every write for a while, which fails
-    # the shard that was writing its second segment.
+    # One status per request and one request in flight, so a shard of 30 is two checkpointed segments
+    # (20 × batch_size lines, then 10) and the faults below land on known requests whatever the timing:
+    # the first 20 writes go through, then the 21st fails on both of its attempts (max_retries=1), which
+    # fails the shard that was writing its second segment; nothing else fails.
     emulator.inject("slow:0", count=20)
-    emulator.inject("503", count=8)
+    emulator.inject("503", count=2)
     submit = sync_dag.get_task("submit")
     retries, retry_delay = submit.retries, submit.retry_delay
     submit.retries, submit.retry_delay = 1, timedelta(0)
+    submit.partial_kwargs["max_concurrency"] = 1
     try:
         dr, states = run_dag(sync_dag, {"storage_uri": storage.as_uri(), "shard_size": 30, "batch_size": 1,
                                         "hubspot_changes": "source_wins"})
     finally:
         submit.retries, submit.retry_delay = retries, retry_delay
+        submit.partial_kwargs.pop("max_concurrency")
 
     assert states == CLEAN and str(dr.state) == "success"
     assert hubspot_state(emulator) == expected_latest(rows)
