@@ -61,6 +61,7 @@ ALERT_NOTIFIERS: list[BaseNotifier] = [DeadLetterNotifier(), RunSummaryNotifier(
 TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
 
 
+
 @dag(
     dag_id="hubspot_consent_sync",
     schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
@@ -79,10 +80,11 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
         "source_table": Param(
             "consent_events",
             type="string",
-            pattern=consent.IDENTIFIER_PATTERN,
             title="Source table",
             description="Table or view with the source contract's columns: letters, digits and _ "
-            "(not starting with a digit), optionally schema.table; no quotes, spaces or semicolons.",
+            "(not starting with a digit), optionally schema.table; no quotes, spaces or semicolons. "
+            "Anything else is refused when you trigger.",
+            **consent.table_name_rule("source_table"),
         ),
         "hubspot_conn_id": Param(
             "hubspot_default", type="string", minLength=1, title="HubSpot connection",
@@ -96,29 +98,30 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
             "file://$AIRFLOW_HOME/hubspot_consent on the worker.",
         ),
         "batch_size": Param(
-            100, type="integer", minimum=1, maximum=1000, title="Batch size",
-            description="Inputs per HubSpot request: 1 to 1000 (HubSpot's batch maximum)."
+            100, type="integer", title="Batch size",
+            description="Inputs per HubSpot request: 1 to 1000 (HubSpot's batch maximum).",
+            **consent.BATCH_SIZE_RULE,
         ),
         "shard_size": Param(
             consent.DEFAULT_SHARD_SIZE,
             type="integer",
-            minimum=1,
             title="Shard size",
             description="Valid statuses per shard: a bigger day is split by contact into shards written by "
             "parallel submit tasks through the hubspot_api pool; a day up to this size is one shard.",
+            **consent.param_rule("shard_size must be a whole number of at least 1", minimum=1),
         ),
         "max_failed_ratio": Param(
             0.25,
             type="number",
-            minimum=0,
-            maximum=1,
             title="Largest failed share",
             description="Largest share of the interval's events that may fail before the run fails.",
+            **consent.FAILED_RATIO_RULE,
         ),
         "max_unplaceable_rows": Param(
             100,
             type=["null", "integer"],
-            minimum=0,
+            **consent.param_rule("max_unplaceable_rows must be a whole number of at least 0, or empty for no limit",
+                                 minimum=0),
             title="Most unplaceable rows",
             description="Rows of the source whose occurred_at fits no data interval (NULL, unreadable, "
             "impossible) that may exist before a run fails. They are listed by every run and belong to no "
@@ -134,9 +137,9 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
         "audit_table": Param(
             "hubspot_consent_ledger",
             type="string",
-            pattern=consent.IDENTIFIER_PATTERN,
             title="Ledger table",
             description="The ledger table on audit_conn_id (DDL in the README).",
+            **consent.table_name_rule("audit_table"),
         ),
         "hubspot_changes": Param(
             "respect_opt_outs",

@@ -68,26 +68,27 @@ TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
         "source_table": Param(
             "consent_events",
             type="string",
-            pattern=consent.IDENTIFIER_PATTERN,
             title="Source table",
             description="The consent source's table or view: letters, digits and _ (not starting with a "
-            "digit), optionally schema.table; no quotes, spaces or semicolons.",
+            "digit), optionally schema.table; no quotes, spaces or semicolons. Anything else is refused "
+            "when you trigger.",
+            **consent.table_name_rule("source_table"),
         ),
         "hubspot_conn_id": Param(
             "hubspot_default", type="string", minLength=1, title="HubSpot connection",
             description="HubSpot connection."
         ),
         "batch_size": Param(
-            100, type="integer", minimum=1, maximum=1000, title="Batch size",
-            description="Inputs per HubSpot request."
+            100, type="integer", title="Batch size",
+            description="Inputs per HubSpot request: 1 to 1000 (HubSpot's batch maximum).",
+            **consent.BATCH_SIZE_RULE,
         ),
         "max_failed_ratio": Param(
             0.25,
             type="number",
-            minimum=0,
-            maximum=1,
             title="Largest failed share",
             description="Largest share of the replayed inputs that may fail again before the run fails.",
+            **consent.FAILED_RATIO_RULE,
         ),
     },
     tags=["hubspot", "consent"],

@@ -191,7 +191,7 @@ class SqlLedger:
 
         from hubspot_provider.consent import check_identifier
 
-        self.table = check_identifier(table)
+        self.table = check_identifier(table, "audit_table")
         hook = BaseHook.get_connection(conn_id).get_hook()
         if not isinstance(hook, DbApiHook):
             raise TypeError(

@@ -468,3 +468,32 @@ def test_the_runs_summary_is_shown_in_the_grid_view(page, airflow, shots):
         assert " ".join(line.split()) in shown
     assert "Written to HubSpot 30: 30 changed, 0 already in that state" in shown
     assert not re.search(r"[\w.+-]+@[\w-]+\.[\w.]+", shown)  # no email address
+
+
+def test_the_trigger_form_keeps_a_bad_param_and_refuses_it_with_our_sentence(page, airflow, shots):
+    page.goto(f"{airflow.url}/dags/{DAG_ID}")
+    page.get_by_role("button", name="Trigger").first.click()
+    batch_size = page.get_by_label("Batch size")
+    batch_size.fill("0")
+    batch_size.press("Tab")
+    # A number input given the schema's bounds would clamp 0 to 1 on leaving the field, and trigger
+    # a run of batches of one; the bounds are where it does not look, so 0 stays 0.
+    assert batch_size.input_value() == "0"
+    with page.expect_response(
+        lambda r: r.request.method == "POST" and r.url.endswith(f"/{DAG_ID}/dagRuns")
+    ) as refused:
+        page.get_by_role("button", name="Trigger", exact=True).last.click()
+    assert refused.value.status == 400
+    page.get_by_text("batch_size must be a whole number from 1 to 1000", exact=False).first.wait_for()
+    shots(page, "7-trigger-refused")
+    batch_size.fill("100")
+    table = page.locator("#element_source_table")
+    table.fill("consent_events; DROP TABLE consent_events")
+    with page.expect_response(
+        lambda r: r.request.method == "POST" and r.url.endswith(f"/{DAG_ID}/dagRuns")
+    ) as refused:
+        # The first refusal's notice still covers the button for a few seconds.
+        page.get_by_test_id("trigger-dag-submit").dispatch_event("click")
+    assert refused.value.status == 400
+    page.get_by_text("source_table must be a plain table name like", exact=False).first.wait_for()
+    assert airflow.get(f"dags/{DAG_ID}/dagRuns")["total_entries"] == 1  # only the good run of the test above

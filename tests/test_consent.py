@@ -240,15 +240,45 @@ def test_an_opt_out_from_all_email_is_staged_first_and_supersedes_the_contacts_e
 
 
 def test_the_later_event_check_is_pushed_down_where_timestamps_are_typed():
-    sql, parameters = consent._later_query("crm.consent_events", "postgres", "%s", END)
+    kind = "CASE WHEN status = 'UNSUBSCRIBE_ALL' THEN 'UNSUBSCRIBE_ALL' ELSE 'LATER' END"
+    # PostgreSQL and MariaDB/MySQL: only the interval's contacts, by their coarse key, which the
+    # query spells exactly as the README's index does.
+    sql, parameters = consent._later_query("crm.consent_events", "postgres", "%s", END, ["da@example.com", "b@x"])
     assert sql == (
-        "SELECT email, subscription_id, CASE WHEN status = 'UNSUBSCRIBE_ALL' THEN 'UNSUBSCRIBE_ALL' ELSE 'LATER' "
-        "END, max(occurred_at) FROM crm.consent_events WHERE occurred_at >= %s GROUP BY email, subscription_id, "
-        "CASE WHEN status = 'UNSUBSCRIBE_ALL' THEN 'UNSUBSCRIBE_ALL' ELSE 'LATER' END")
+        f"SELECT email, subscription_id, {kind}, max(occurred_at) FROM crm.consent_events WHERE "
+        "lower(regexp_replace(email, '[^A-HJLM-Za-hjlm-z0-9@._+-]', '', 'g')) = ANY(%s) AND occurred_at >= %s "
+        f"GROUP BY email, subscription_id, {kind}")
+    assert parameters == [["da@example.com", "b@x"], END - timedelta(days=1)]
+    sql, parameters = consent._later_query("consent_events", "mysql", "%s", END, ["da@example.com", "b@x"])
+    assert ("WHERE lower(regexp_replace(email, '(?-i)[^A-HJLM-Za-hjlm-z0-9@._+-]', '')) IN (%s, %s) "
+            "AND occurred_at >= %s GROUP BY") in sql
+    assert parameters == ["da@example.com", "b@x", END - timedelta(days=1)]
+    assert consent._probes_contacts("postgres") and consent._probes_contacts("mysql")
+    # Other typed engines: the latest later event per key of every contact.
+    assert not consent._probes_contacts("snowflake")
+    sql, parameters = consent._later_query("crm.consent_events", "snowflake", "%s", END)
+    assert sql == (
+        f"SELECT email, subscription_id, {kind}, max(occurred_at) FROM crm.consent_events WHERE occurred_at >= %s "
+        f"GROUP BY email, subscription_id, {kind}")
     assert parameters == [END - timedelta(days=1)]
     # SQLite's text timestamps carry varying offsets: the latest text is not the latest instant.
     sql, parameters = consent._later_query("consent_events", "sqlite", "?", END)
     assert sql.endswith("WHERE occurred_at >= ?") and parameters == ["2026-03-10"]
+    assert not consent._probes_contacts("sqlite")
+
+
+def test_the_coarse_email_key_never_separates_two_emails_pythons_key_joins():
+    # What makes the probe safe: no character outside the kept set lower-cases (in Python) to one
+    # inside it, so the coarse key of an email is the coarse key of its Python key. Checked over
+    # every code point, not a sample.
+    kept = set("ABCDEFGHJLMNOPQRSTUVWXYZabcdefghjlmnopqrstuvwxyz0123456789@._+-")
+    assert {c for c in map(chr, range(0x110000)) if consent.coarse_email_key(c)} == kept
+    leaks = [hex(i) for i in range(0x110000) if chr(i) not in kept and any(c in kept for c in chr(i).lower())]
+    assert leaks == []
+    for email in [" ÄDA@Example.COM\t", "\u0130NGA@example.com", "\u212aIM@example.com", "\u017fam@x.org",
+                  "bob+news@Example.com\u00a0", "\u674e@\u4f8b\u5b50.\u4e2d\u56fd"]:
+        assert consent.coarse_email_key(email) == consent.coarse_email_key(email.strip().lower()), email
+    assert consent.coarse_email_key(" ÄDA@Example.COM\t") == "da@example.com"
 
 
 def test_unplaceable_rows_are_listed_by_every_run_never_dropped(source, run):

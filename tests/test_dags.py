@@ -6,6 +6,7 @@ Each ``dag.test()`` costs a few seconds of fixed Airflow start-up, so every run 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -90,13 +91,43 @@ def test_consent_sync_shape(sync_dag):
         "dry_run": False,
         "later_events_win": True,
     }
-    from airflow.sdk.exceptions import ParamValidationError
-
     dag.params.validate()
-    with pytest.raises(ParamValidationError):
-        dag.params.get_param("source_table").resolve("consent_events; DROP TABLE consent_events")
-    with pytest.raises(ParamValidationError):
-        dag.params.get_param("max_failed_ratio").resolve(1.5)
+
+
+BAD_PARAMS = [
+    ("source_table", "consent_events; DROP TABLE consent_events",
+     "source_table must be a plain table name like consent_events or analytics.consent_events"),
+    ("batch_size", 0, "batch_size must be a whole number from 1 to 1000 (HubSpot's batch maximum)"),
+    ("batch_size", 1001, "batch_size must be a whole number from 1 to 1000"),
+    ("max_failed_ratio", 1.5, "max_failed_ratio must be a share from 0 to 1"),
+    ("shard_size", 0, "shard_size must be a whole number of at least 1"),
+    ("max_unplaceable_rows", -1, "max_unplaceable_rows must be a whole number of at least 0"),
+    ("audit_table", "ledger; --", "audit_table must be a plain table name"),
+]
+REPLAY_PARAMS = {"source_table", "batch_size", "max_failed_ratio"}
+
+
+@pytest.mark.parametrize(("dag_id", "param", "value", "message"), [
+    *(("hubspot_consent_sync", *case) for case in BAD_PARAMS),
+    *(("hubspot_dead_letter_replay", *case) for case in BAD_PARAMS if case[0] in REPLAY_PARAMS),
+])
+def test_a_trigger_with_a_bad_param_is_refused_with_a_sentence_naming_it(dagbag, dag_id, param, value, message):
+    # What the API server does with a trigger's conf: the serialized DAG's params, merged and validated.
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    dag = dagbag.dags[dag_id]
+    served = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    # The replay's one required param, so that only the bad one is refused.
+    given = {"dead_letter_uri": "file:///data/dead-letters"} if dag_id == "hubspot_dead_letter_replay" else {}
+    with pytest.raises(Exception, match=f"Invalid input for param {param}") as refused:
+        served.params.deep_merge({**given, param: value}).validate()
+    # The failing part of the schema is printed with long strings split over lines ('...'\n '...').
+    assert message in re.sub(r"['\"]\n\s*['\"]", "", str(refused.value))
+    served.params.deep_merge({**given, param: dag.params[param]}).validate()  # its default passes
+    # The trigger form's number input clamps to a top-level minimum or maximum without a word: the
+    # bounds are nested where it does not look.
+    schema = dag.params.get_param(param).schema
+    assert not {"minimum", "maximum", "pattern"} & set(schema)
 
 
 def test_consent_sync_runs_cover_one_utc_day(sync_dag):

@@ -48,6 +48,7 @@ from typing import Any
 import pytest
 
 from hubspot_provider.testing import HubSpotEmulator
+from test_real_databases import postgres as postgres_fixture  # noqa: F401  (registers the fixture `postgres`)
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -1025,3 +1026,45 @@ def test_the_layout_names_what_is_there():
             named.append(f"{parent}{path}")
     missing = [path for path in named if not (REPO / path).exists()]
     assert named and not missing, f"the Development section names what is not there: {missing}"
+
+
+# --------------------------------------------------------------------------- the source's indexes
+
+
+@runs("coarse-key-index")
+def test_the_readme_index_on_the_coarse_email_key_is_the_one_a_backfill_probes(postgres, tmp_path, caplog):
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+    from test_real_databases import execute
+
+    from hubspot_provider import consent
+
+    schema = f"readme_{os.getpid()}_{int(time.time())}"
+    # The README's table and index, in a schema of their own: 50 events on the day backfilled, then
+    # 29 days of 2,000 events, each event of its own contact.
+    execute(postgres, f"CREATE SCHEMA {schema}", f"SET search_path TO {schema}",
+            block("consent-ddl"), block("coarse-key-index"),
+            "INSERT INTO consent_events SELECT 'c' || i || '@example.com', 1001, 'SUBSCRIBED', NULL, NULL, "
+            "TIMESTAMPTZ '2026-03-01 00:00:00+00' + i * INTERVAL '1 minute' FROM generate_series(0, 49) AS i",
+            "INSERT INTO consent_events SELECT 'd' || i || '@example.com', 1001, 'SUBSCRIBED', NULL, NULL, "
+            "TIMESTAMPTZ '2026-03-02 00:00:00+00' + (i / 2000) * INTERVAL '1 day' + (i % 86400) * INTERVAL '1 second' "
+            "FROM generate_series(0, 57999) AS i",
+            # A later opt-out of one of the day's contacts, stored in another case.
+            "INSERT INTO consent_events VALUES (' C7@Example.COM', 1001, 'UNSUBSCRIBED', NULL, NULL, "
+            "TIMESTAMPTZ '2026-03-20 10:00:00+00')",
+            "ANALYZE consent_events")
+    try:
+        probe = consent._later_query(f"{schema}.consent_events", "postgres", "%s",
+                                     datetime(2026, 3, 2, tzinfo=timezone.utc), ["c7@example.com"])
+        assert consent._postgres_probes_index(PostgresHook(postgres_conn_id="pg_source"), *probe)
+        with caplog.at_level("INFO", logger="hubspot_provider.consent"):
+            counts = consent.extract_consent_events(
+                source_conn_id="pg_source", source_table=f"{schema}.consent_events",
+                data_interval_start=datetime(2026, 3, 1, tzinfo=timezone.utc),
+                data_interval_end=datetime(2026, 3, 2, tzinfo=timezone.utc), run_uri=(tmp_path / "run").as_uri())
+    finally:
+        execute(postgres, f"DROP SCHEMA {schema} CASCADE")
+    assert "50 contacts of the interval, probed through the index on the coarse email key" in caplog.text
+    assert (counts["in_interval"], counts["superseded_later"], counts["staged"]) == (50, 1, 49)
+    # The day's 50 contacts, each read once (its own event, inside the day of slack), and c7's later
+    # opt-out: not the 58,000 events of the 29 days after it.
+    assert counts["later_rows_read"] == 51
