@@ -45,3 +45,47 @@ def task_log(capfd):
         return "".join(seen)
 
     return text
+
+
+# ----------------------------------------------------------------------- the real database servers
+
+
+@pytest.fixture
+def postgres(monkeypatch):
+    """A DB-API connection to PostgreSQL, and Airflow connection ``pg_source`` to the same database."""
+    import json
+
+    import psycopg2
+    from services import PG, unavailable
+
+    try:
+        conn = psycopg2.connect(connect_timeout=3, **PG)
+    except psycopg2.OperationalError as exc:
+        unavailable(f"PostgreSQL at {PG['host']}:{PG['port']}", exc)
+    conn.autocommit = True
+    monkeypatch.setenv("AIRFLOW_CONN_PG_SOURCE", json.dumps({
+        "conn_type": "postgres", "host": PG["host"], "port": PG["port"], "login": PG["user"], "schema": PG["dbname"],
+    }))
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def mariadb(monkeypatch):
+    """A DB-API connection to MariaDB, and Airflow connection ``mariadb_source`` to the same database."""
+    import json
+
+    import mysql.connector
+    from services import MARIADB, unavailable
+
+    try:
+        conn = mysql.connector.connect(connection_timeout=3, autocommit=True, **MARIADB)
+    except mysql.connector.Error as exc:
+        unavailable(f"MariaDB at {MARIADB['host']}:{MARIADB['port']}", exc)
+    monkeypatch.setenv("AIRFLOW_CONN_MARIADB_SOURCE", json.dumps({
+        "conn_type": "mysql", "host": MARIADB["host"], "port": MARIADB["port"], "login": MARIADB["user"],
+        "password": MARIADB["password"], "schema": MARIADB["database"],
+        "extra": {"client": "mysql-connector-python"},
+    }))
+    yield conn
+    conn.close()

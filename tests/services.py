@@ -10,6 +10,24 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+# The database servers the project's machines run on loopback (see the README).
+REQUIRED = os.environ.get("HUBSPOT_PROVIDER_REQUIRE_SERVICES") == "1"
+PG = {"host": os.environ.get("HUBSPOT_TEST_PG_HOST", "127.0.0.1"), "port": 5432, "user": "postgres",
+      "dbname": "test"}
+MARIADB = {"host": os.environ.get("HUBSPOT_TEST_MARIADB_HOST", "127.0.0.1"), "port": 3306, "user": "root",
+           "password": "", "database": "test"}
+
+
+def unavailable(what: str, error: Exception) -> None:
+    """Skip for an absent service, with the reason; fail instead where CI requires the services."""
+    import pytest
+
+    reason = f"{what} is not reachable ({type(error).__name__}: {str(error).strip()[:120]})"
+    if REQUIRED:
+        pytest.fail(f"{reason}; HUBSPOT_PROVIDER_REQUIRE_SERVICES=1 requires it")
+    pytest.skip(reason)
+
+
 
 def stop_process_groups(processes: Iterable[subprocess.Popen], grace_s: float = 30.0) -> None:
     """SIGTERM every process group still running, then SIGKILL those not gone within ``grace_s``."""
@@ -31,7 +49,6 @@ def fresh_postgres_database(prefix: str) -> Iterator[str]:
     """A new database on the local PostgreSQL (a SQLAlchemy URL), dropped afterwards."""
     import psycopg2
 
-    from test_real_databases import PG, unavailable
 
     try:
         admin = psycopg2.connect(connect_timeout=3, **PG)

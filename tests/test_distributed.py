@@ -30,8 +30,7 @@ import pytest
 from consent_days import changes_over_days, latest_of_all_days, write_consent_table
 from distributed_worker import WORKER_ENV
 from test_backfill import Airflow, free_port
-from services import fresh_postgres_database
-from test_real_databases import unavailable
+from services import fresh_postgres_database, unavailable
 
 from hubspot_provider import consent
 

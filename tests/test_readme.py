@@ -48,7 +48,6 @@ from typing import Any
 import pytest
 
 from hubspot_provider.testing import HubSpotEmulator
-from test_real_databases import postgres as postgres_fixture  # noqa: F401  (registers the fixture `postgres`)
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"

@@ -10,7 +10,6 @@ so CI can never pass without having run them.
 from __future__ import annotations
 
 import json
-import os
 import tracemalloc
 import uuid
 from contextlib import contextmanager
@@ -25,54 +24,6 @@ from hubspot_provider.operators.hubspot import HubSpotWriteStatusesOperator
 
 START = datetime(2026, 3, 10, tzinfo=timezone.utc)
 END = START + timedelta(days=1)
-REQUIRED = os.environ.get("HUBSPOT_PROVIDER_REQUIRE_SERVICES") == "1"
-PG = {"host": os.environ.get("HUBSPOT_TEST_PG_HOST", "127.0.0.1"), "port": 5432, "user": "postgres",
-      "dbname": "test"}
-MARIADB = {"host": os.environ.get("HUBSPOT_TEST_MARIADB_HOST", "127.0.0.1"), "port": 3306, "user": "root",
-           "password": "", "database": "test"}
-
-
-def unavailable(what: str, error: Exception) -> None:
-    reason = f"{what} is not reachable ({type(error).__name__}: {str(error).strip()[:120]})"
-    if REQUIRED:
-        pytest.fail(f"{reason}; HUBSPOT_PROVIDER_REQUIRE_SERVICES=1 requires it")
-    pytest.skip(reason)
-
-
-@pytest.fixture
-def postgres(monkeypatch):
-    """A DB-API connection to PostgreSQL, and Airflow connection ``pg_source`` to the same database."""
-    import psycopg2
-
-    try:
-        conn = psycopg2.connect(connect_timeout=3, **PG)
-    except psycopg2.OperationalError as exc:
-        unavailable(f"PostgreSQL at {PG['host']}:{PG['port']}", exc)
-    conn.autocommit = True
-    monkeypatch.setenv("AIRFLOW_CONN_PG_SOURCE", json.dumps({
-        "conn_type": "postgres", "host": PG["host"], "port": PG["port"], "login": PG["user"], "schema": PG["dbname"],
-    }))
-    yield conn
-    conn.close()
-
-
-@pytest.fixture
-def mariadb(monkeypatch):
-    """A DB-API connection to MariaDB, and Airflow connection ``mariadb_source`` to the same database."""
-    import mysql.connector
-
-    try:
-        conn = mysql.connector.connect(connection_timeout=3, autocommit=True, **MARIADB)
-    except mysql.connector.Error as exc:
-        unavailable(f"MariaDB at {MARIADB['host']}:{MARIADB['port']}", exc)
-    monkeypatch.setenv("AIRFLOW_CONN_MARIADB_SOURCE", json.dumps({
-        "conn_type": "mysql", "host": MARIADB["host"], "port": MARIADB["port"], "login": MARIADB["user"],
-        "password": MARIADB["password"], "schema": MARIADB["database"],
-        "extra": {"client": "mysql-connector-python"},
-    }))
-    yield conn
-    conn.close()
-
 
 def table_name(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
