@@ -96,7 +96,9 @@ EXPECTED = {"ada@example.com/1001": "UNSUBSCRIBED", "bob@example.com/1001": "SUB
 
 
 @pytest.mark.parametrize("column", ["TIMESTAMPTZ", "TIMESTAMP"])
-def test_postgres_extract_with_aware_and_naive_timestamp_columns(postgres, tmp_path, column):
+def test_postgres_extract_with_aware_and_naive_timestamp_columns(postgres, tmp_path, column, monkeypatch):
+    # However few the later rows, ask about the interval's contacts (the path a backfill takes).
+    monkeypatch.setattr(consent, "PROBE_ROWS_PER_CONTACT", 0)
     with consent_table(postgres, column, day_rows(naive=column == "TIMESTAMP")) as table:
         run = tmp_path / "run"
         counts = extract("pg_source", table, run)
@@ -154,9 +156,10 @@ def test_the_servers_coarse_email_key_is_the_one_python_probes_with(request, ser
 
 
 @pytest.mark.parametrize("server", ["postgres", "mariadb"])
-def test_a_backfill_reads_the_later_events_of_its_own_contacts_only(request, tmp_path, server):
+def test_a_backfill_reads_the_later_events_of_its_own_contacts_only(request, tmp_path, server, monkeypatch):
     conn = request.getfixturevalue(server)
     naive = server == "mariadb"
+    monkeypatch.setattr(consent, "PROBE_ROWS_PER_CONTACT", 0)  # asked about its contacts, however few the rows
 
     def at(moment: datetime):
         return moment.replace(tzinfo=None) if naive else moment
@@ -179,6 +182,31 @@ def test_a_backfill_reads_the_later_events_of_its_own_contacts_only(request, tmp
     # One row per (email as stored, subscription, kind) of the interval's two contacts, the interval's
     # own rows included (the day of slack for naive columns).
     assert counts["later_rows_read"] == 3
+
+
+def test_postgres_reads_few_later_rows_in_one_scan_and_many_by_the_interval_s_contacts(postgres, tmp_path, caplog):
+    # Two contacts in the interval; 50 later events of other contacts, then 5 more days of them.
+    rows = [("ada@example.com", 1001, "SUBSCRIBED", START + timedelta(hours=10)),
+            ("bo@example.com", 1001, "SUBSCRIBED", START + timedelta(hours=11)),
+            *((f"other{i}@example.com", 1001, "SUBSCRIBED", END + timedelta(minutes=i)) for i in range(15))]
+    with consent_table(postgres, "TIMESTAMPTZ", rows) as table:
+        execute(postgres, f"ANALYZE {table}")  # the planner's estimate is the table's 17 rows
+        with caplog.at_level("INFO", logger="hubspot_provider.consent"):
+            few = extract("pg_source", table, tmp_path / "few")
+        # 17 later rows ≤ 10 per contact: every later key in one grouped scan.
+        assert "2 contacts of the interval, about 17 later rows, read in one scan" in caplog.text
+        assert few["later_rows_read"] == 17
+        execute(postgres, f"INSERT INTO {table} SELECT 'more' || i || '@example.com', 1001, 'SUBSCRIBED', NULL, NULL, "
+                f"TIMESTAMPTZ '2026-03-12 00:00:00+00' + i * INTERVAL '1 minute' FROM generate_series(1, 200) AS i",
+                f"ANALYZE {table}")
+        caplog.clear()
+        with caplog.at_level("INFO", logger="hubspot_provider.consent"):
+            many = extract("pg_source", table, tmp_path / "many")
+    # 217 later rows for 2 contacts, and no index on the coarse key here: the contacts are matched
+    # during one scan, and only theirs come back.
+    assert "2 contacts of the interval, matched during one scan of the source's later rows (about 217;" in caplog.text
+    assert many["later_rows_read"] == 2
+    assert (few["staged"], many["staged"]) == (2, 2)
 
 
 def test_postgres_extract_streams_a_million_rows_through_a_server_side_cursor_in_flat_memory(postgres, tmp_path):

@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--per-day", type=int, default=200_000)
     parser.add_argument("--contacts", type=int, default=2_000_000)
+    parser.add_argument("--extract", default="oldest,middle,newest",
+                        help="the days to extract, comma-separated: oldest, middle, newest")
     args = parser.parse_args()
     table = f"bench_consent_{uuid.uuid4().hex[:8]}"
     conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test")
@@ -85,7 +87,10 @@ def main() -> None:
     results = []
     consent._LatestPerKey.mark_changed_since = timed_check
     try:
+        chosen = set(args.extract.split(","))
         for label, day in (("oldest (backfill)", 0), ("middle", args.days // 2), ("newest", args.days - 1)):
+            if label.split()[0] not in chosen:
+                continue
             start = FIRST_DAY + timedelta(days=day)
             for mode, (query, probing) in modes.items():
                 consent._later_query, consent._probes_contacts = query, probing
