@@ -61,7 +61,6 @@ ALERT_NOTIFIERS: list[BaseNotifier] = [DeadLetterNotifier(), RunSummaryNotifier(
 TASK_RETRIES = conf.getint("hubspot", "task_retries", fallback=2)
 
 
-
 @dag(
     dag_id="hubspot_consent_sync",
     schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),

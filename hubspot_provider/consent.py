@@ -395,8 +395,9 @@ _COARSE_CHARS = frozenset("ABCDEFGHJLMNOPQRSTUVWXYZabcdefghjlmnopqrstuvwxyz01234
 # where a query repeats its expression exactly).
 COARSE_EMAIL_KEY_SQL = {
     "postgres": f"lower(regexp_replace(email, '[^{_COARSE_KEEP}]', '', 'g'))",
-    # MariaDB/MySQL match case-insensitively under a _ci collation unless told not to.
-    "mysql": f"lower(regexp_replace(email, '(?-i)[^{_COARSE_KEEP}]', ''))",
+    # MariaDB/MySQL match case-insensitively under a _ci collation unless told not to, and neither
+    # lower-case nor match characters in a binary string (a VARBINARY column, a decrypting view).
+    "mysql": f"lower(regexp_replace(convert(email using utf8mb4), '(?-i)[^{_COARSE_KEEP}]', ''))",
 }
 _PROBE_DIALECTS = {"postgres": "postgres", "postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
 # Contacts per query where the database probes the index on the coarse key: small enough that the
@@ -406,6 +407,8 @@ PROBE_CHUNK = 1_000
 # expression only through a generated column the query names): the key list filters one scan of the
 # later rows, so few scans, and SQL text of a few MB at most.
 FILTER_CHUNK = 100_000
+# ... and at most this much key text per query (MariaDB's default max_allowed_packet is 16 MiB).
+FILTER_CHUNK_BYTES = 4 * 1024 * 1024
 # Later rows per contact of the interval above which probing the index beats one scan.
 PROBE_ROWS_PER_CONTACT = 10
 
@@ -449,13 +452,31 @@ def _later_query(
             where = f"{COARSE_EMAIL_KEY_SQL[dialect]} IN ({', '.join([placeholder] * len(contacts))}) AND {where}"
             parameters[:0] = contacts
     # Grouped by the email as stored: Python then normalises each variant (case, any whitespace)
-    # the same way as the interval's rows, which SQL's trim() would not.
+    # the same way as the interval's rows, which SQL's trim() would not. MariaDB/MySQL's usual
+    # collations hold 'ada@' and 'äda@' equal, so there the group is the email's bytes, or one
+    # contact's later event would be credited to another.
     kind = _later_kind()
+    email, group = ("max(email)", "CAST(email AS BINARY)") if dialect == "mysql" else ("email", "email")
     return (
-        f"SELECT email, subscription_id, {kind}, max(occurred_at) FROM {table} WHERE {where} "
-        f"GROUP BY email, subscription_id, {kind}",
+        f"SELECT {email}, subscription_id, {kind}, max(occurred_at) FROM {table} WHERE {where} "
+        f"GROUP BY {group}, subscription_id, {kind}",
         parameters,
     )
+
+
+def _chunks(keys: Sequence[str], most: int, most_bytes: int) -> Iterator[list[str]]:
+    """``keys`` in order, at most ``most`` of them and about ``most_bytes`` of UTF-8 text a chunk."""
+    chunk: list[str] = []
+    size = 0
+    for key in keys:
+        length = len(key.encode("utf-8")) + 4  # quotes and a comma in the SQL text
+        if chunk and (len(chunk) >= most or size + length > most_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(key)
+        size += length
+    if chunk:
+        yield chunk
 
 
 def _probes_contacts(conn_type: str) -> bool:
@@ -715,8 +736,8 @@ class _LatestPerKey:
                             "index on the coarse email key)")
         chunk = PROBE_CHUNK if indexed else FILTER_CHUNK
         log.info("Later-events check: %d contacts of the interval, %s", len(keys), how)
-        for first in range(0, len(keys), chunk):
-            yield _later_query(table, conn_type, placeholder, since, keys[first:first + chunk])
+        for contacts in _chunks(keys, chunk, FILTER_CHUNK_BYTES):
+            yield _later_query(table, conn_type, placeholder, since, contacts)
 
     def _mark_rows(self, rows: Iterable[tuple], since: datetime) -> int:
         read = 0

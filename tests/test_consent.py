@@ -250,8 +250,10 @@ def test_the_later_event_check_is_pushed_down_where_timestamps_are_typed():
         f"GROUP BY email, subscription_id, {kind}")
     assert parameters == [["da@example.com", "b@x"], END - timedelta(days=1)]
     sql, parameters = consent._later_query("consent_events", "mysql", "%s", END, ["da@example.com", "b@x"])
-    assert ("WHERE lower(regexp_replace(email, '(?-i)[^A-HJLM-Za-hjlm-z0-9@._+-]', '')) IN (%s, %s) "
-            "AND occurred_at >= %s GROUP BY") in sql
+    assert sql == (
+        f"SELECT max(email), subscription_id, {kind}, max(occurred_at) FROM consent_events WHERE "
+        "lower(regexp_replace(convert(email using utf8mb4), '(?-i)[^A-HJLM-Za-hjlm-z0-9@._+-]', '')) IN (%s, %s) "
+        f"AND occurred_at >= %s GROUP BY CAST(email AS BINARY), subscription_id, {kind}")
     assert parameters == ["da@example.com", "b@x", END - timedelta(days=1)]
     assert consent._probes_contacts("postgres") and consent._probes_contacts("mysql")
     # Other typed engines: the latest later event per key of every contact.
@@ -265,6 +267,15 @@ def test_the_later_event_check_is_pushed_down_where_timestamps_are_typed():
     sql, parameters = consent._later_query("consent_events", "sqlite", "?", END)
     assert sql.endswith("WHERE occurred_at >= ?") and parameters == ["2026-03-10"]
     assert not consent._probes_contacts("sqlite")
+
+
+def test_the_contacts_are_asked_about_in_chunks_of_bounded_count_and_text():
+    keys = [f"c{i}@example.com" for i in range(10)]
+    assert list(consent._chunks(keys, 4, 10_000)) == [keys[:4], keys[4:8], keys[8:]]
+    # 18 bytes of text a key here (14, and the quotes and a comma): three fit in 60 bytes.
+    assert list(consent._chunks(keys[:7], 100, 60)) == [keys[:3], keys[3:6], keys[6:7]]
+    assert list(consent._chunks(["x" * 100], 100, 10)) == [["x" * 100]]  # a key longer than the bound: alone
+    assert list(consent._chunks([], 4, 10)) == []
 
 
 def test_the_coarse_email_key_never_separates_two_emails_pythons_key_joins():
@@ -683,3 +694,21 @@ def test_replay_leaves_out_dead_letters_the_source_has_overtaken(tmp_path, sourc
 
     with pytest.raises(ValueError, match="source_conn_id 'nowhere' cannot be used.*or to null"):
         consent.prepare_replay(folder.as_uri(), run_id="r3", source_conn_id="nowhere")
+
+
+def test_a_plan_that_cannot_be_read_falls_back_to_asking_about_the_contacts_in_a_scan(tmp_path, caplog):
+    # A server registered as postgres that does not speak PostgreSQL's EXPLAIN (here: SQLite).
+    class Hook:
+        def get_conn(self):
+            return sqlite3.connect(tmp_path / "not-postgres.db")
+
+    latest = consent._LatestPerKey(str(tmp_path))
+    try:
+        latest.add("ada@example.com/1001/EMAIL", END - timedelta(hours=1), "{}", "ada@example.com")
+        with caplog.at_level("INFO", logger="hubspot_provider.consent"):
+            queries = list(latest._later_queries(Hook(), "postgres", "consent_events", "%s", END))
+    finally:
+        latest.close()
+    assert "could not read PostgreSQL's plan (OperationalError); the later rows are scanned" in caplog.text
+    assert "1 contacts of the interval, matched during one scan of the source's later rows" in caplog.text
+    assert queries == [consent._later_query("consent_events", "postgres", "%s", END, ["ada@example.com"])]
