@@ -204,6 +204,46 @@ def test_mariadb_never_credits_one_contacts_later_event_to_another_its_collation
     assert (counts["superseded_later"], counts["staged"]) == (1, 1)
 
 
+@pytest.mark.parametrize("server", ["postgres", "mariadb"])
+def test_the_replay_leaves_out_dead_letters_the_source_has_overtaken_on_a_real_server(
+    request, tmp_path, server, monkeypatch
+):
+    conn = request.getfixturevalue(server)
+    naive = server == "mariadb"
+    monkeypatch.setattr(consent, "PROBE_ROWS_PER_CONTACT", 0)  # asked about its contacts, however few the rows
+
+    def at(moment: datetime):
+        return moment.replace(tzinfo=None) if naive else moment
+
+    def letter(email: str, occurred_at: datetime) -> str:
+        return json.dumps({
+            "input": {"subscriberIdString": email, "subscriptionId": 1001, "statusState": "SUBSCRIBED",
+                      "channel": "EMAIL"},
+            "category": "NO_RESULT", "message": "no answer", "retryable": True,
+            "occurredAt": occurred_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        })
+
+    folder = tmp_path / "run" / "dead-letters"
+    folder.mkdir(parents=True)
+    (folder / "part-submit.jsonl").write_text("\n".join([
+        letter("\u00e4da@example.com", START + timedelta(hours=10)),  # opted out later: not replayed
+        letter("ada@example.com", START + timedelta(hours=10)),        # another contact: replayed
+        letter("bo@example.com", START + timedelta(hours=11)),         # nothing since: replayed
+    ]) + "\n")
+    rows = [(" \u00c4DA@Example.com", 1001, "UNSUBSCRIBED", at(END + timedelta(days=2))),
+            *((f"other{i}@example.com", 1001, "SUBSCRIBED", at(END + timedelta(hours=i))) for i in range(20))]
+    text = "VARCHAR(254) CHARACTER SET utf8mb4" if naive else "TEXT"
+    with consent_table(conn, "DATETIME(6)" if naive else "TIMESTAMPTZ", rows, text=text) as table:
+        prepared = consent.prepare_replay(folder.as_uri(), run_id="manual__replay",
+                                          source_conn_id="mariadb_source" if naive else "pg_source",
+                                          source_table=table)
+    assert (prepared["selected"], prepared["superseded_later"]) == (2, 1)
+    replayed = [json.loads(line)["input"]["subscriberIdString"]
+                for part in sorted(Path(prepared["input_uri"].removeprefix("file://")).rglob("*.jsonl"))
+                for line in part.read_text().splitlines()]
+    assert sorted(replayed) == ["ada@example.com", "bo@example.com"]
+
+
 def test_postgres_reads_few_later_rows_in_one_scan_and_many_by_the_interval_s_contacts(postgres, tmp_path, caplog):
     # Two contacts in the interval; 50 later events of other contacts, then 5 more days of them.
     rows = [("ada@example.com", 1001, "SUBSCRIBED", START + timedelta(hours=10)),
