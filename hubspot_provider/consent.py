@@ -390,7 +390,7 @@ def _source_query(
 # key, whatever their case, whitespace or non-ASCII letters. The key is only a filter: the exact
 # test is made in Python on each row it brings back.
 _COARSE_KEEP = "A-HJLM-Za-hjlm-z0-9@._+-"
-_COARSE_CHARS = frozenset("ABCDEFGHJLMNOPQRSTUVWXYZabcdefghjlmnopqrstuvwxyz0123456789@._+-")
+_COARSE_CHARS = frozenset(c for c in map(chr, range(128)) if re.fullmatch(f"[{_COARSE_KEEP}]", c))
 # The SQL of the coarse key, as the README's indexes spell it (an expression index is used only
 # where a query repeats its expression exactly).
 COARSE_EMAIL_KEY_SQL = {
@@ -416,10 +416,6 @@ PROBE_ROWS_PER_CONTACT = 10
 def coarse_email_key(email: str) -> str:
     """The later-events check's coarse key of ``email`` (see ``COARSE_EMAIL_KEY_SQL``)."""
     return "".join(c for c in email if c in _COARSE_CHARS).lower()
-
-
-def _later_kind() -> str:
-    return f"CASE WHEN status = '{UNSUBSCRIBE_ALL}' THEN '{UNSUBSCRIBE_ALL}' ELSE 'LATER' END"
 
 
 def _later_query(
@@ -455,7 +451,7 @@ def _later_query(
     # the same way as the interval's rows, which SQL's trim() would not. MariaDB/MySQL's usual
     # collations hold 'ada@' and 'äda@' equal, so there the group is the email's bytes, or one
     # contact's later event would be credited to another.
-    kind = _later_kind()
+    kind = f"CASE WHEN status = '{UNSUBSCRIBE_ALL}' THEN '{UNSUBSCRIBE_ALL}' ELSE 'LATER' END"
     email, group = ("max(email)", "CAST(email AS BINARY)") if dialect == "mysql" else ("email", "email")
     return (
         f"SELECT {email}, subscription_id, {kind}, max(occurred_at) FROM {table} WHERE {where} "
