@@ -59,9 +59,11 @@ def test_hostile_readings_are_ignored_and_a_lower_limit_caps_the_share():
         assert pacer.acquire(timeout=0.5)
         pacer.release(bad)
         assert (pacer.max_requests, pacer.interval_s, pacer.share) == (MAX, 1.0, None)
-    answer(pacer, others=0)
+    window = [0]
+    for _ in range(2):
+        round_trip([pacer], window)
     assert pacer.share == MAX - 1
-    assert pacer.acquire(timeout=0.5)
+    pacer._in_flight += 1
     pacer.release(headers(3, maximum=20))  # the app's limit went down
     assert pacer.share is not None and pacer.share <= 19
 
@@ -86,11 +88,63 @@ def test_without_headers_the_share_is_the_budget():
     assert all(pacer.acquire(timeout=0.5) for _ in range(4))  # no longer one at a time
 
 
-def test_a_writer_alone_takes_the_whole_budget():
+def round_trip(pacers: list[RateLimitPacer], window: list[int]) -> None:
+    """Every pacer starts all the requests its share allows; then each is answered with the app's
+    window as HubSpot counts it (``window[0]`` requests, shared by all), or a 429 past the limit."""
+    sent: list[tuple[RateLimitPacer, bool]] = []
+    for pacer in pacers:
+        while pacer.acquire(timeout=0):
+            accepted = window[0] < MAX
+            window[0] += accepted
+            sent.append((pacer, accepted))
+    for pacer, accepted in sent:
+        pacer.release(headers(window[0]), rate_limited=not accepted)
+
+
+def test_a_writer_alone_takes_the_whole_budget_once_a_second_round_trip_confirms_it():
     pacer = RateLimitPacer()
-    answer(pacer, others=0)
+    window = [0]
+    shares = []
+    for _ in range(4):
+        round_trip([pacer], window)
+        shares.append(pacer.share)
     assert (pacer.max_requests, pacer.interval_s) == (MAX, 1.0)
-    assert pacer.share == MAX - 1
+    # One answer that shows nobody else is not proof of being alone: writers that start together
+    # see each other only once their first requests arrive.
+    assert shares == [2, MAX - 1, MAX - 1, MAX - 1]
+
+
+def test_writers_that_start_together_stay_under_the_limit_while_they_grow():
+    pacers = [RateLimitPacer(rng=random.Random(seed)) for seed in range(8)]
+    window = [0]
+    # The first writer's first answer comes back before the others' first requests arrive.
+    round_trip(pacers[:1], window)
+    rejected = 0
+    for _ in range(12):
+        before = window[0]
+        round_trip(pacers, window)  # nothing leaves the 1 s window in the test's few milliseconds
+        rejected += sum(1 for p in pacers if p._consecutive_429)
+        assert window[0] >= before
+    assert rejected == 0 and window[0] <= MAX - 1  # at most the budget was used
+    assert sum(p.share for p in pacers) <= MAX + len(pacers)
+
+
+def test_a_share_not_in_use_is_not_grown_again():
+    pacer = at_budget(3, 5)
+    pacer._share = 10.0  # grown, but only 3 of its requests are in the window yet
+    for _ in range(5):
+        pacer._in_flight += 1
+        pacer.release(headers(3 + 10))  # room: 13 of 50 used
+    assert pacer.share == 10.0
+
+
+def test_a_rejected_request_frees_its_slot():
+    pacer = at_budget(4, 6)
+    pacer._share = 5.0
+    assert pacer.acquire(timeout=0.5)
+    assert len(pacer._started) == 5
+    pacer.release(headers(MAX), rate_limited=True)  # HubSpot did not count it
+    assert len(pacer._started) == 4 and len(pacer._history) == 4
 
 
 def test_a_writer_never_claims_what_others_hold():

@@ -36,7 +36,11 @@ class RateLimitPacer:
     ``budget`` (the limit less a 1% reserve, at least one request, and one more while others
     write), with rules that add up right without knowing how many writers there are:
 
-    * **Alone** (the window holds nobody else's requests): the whole budget.
+    * **Alone** (the window holds nobody else's requests): the whole budget, once a second
+      round trip confirms it (the first doubles the share). One reading is no proof: writers
+      that start together see each other only once their first requests have arrived.
+    * **Only a share in use grows.** Others cannot see a share until its requests arrive, so a
+      writer whose window holds fewer requests than its share does not grow it again.
     * **Room left**: a writer takes half the room times its part of the window, so all together
       take half the room per round trip (one increase per round trip: an older reading does not
       show it) and approach the budget without overshooting it. The last
@@ -48,7 +52,8 @@ class RateLimitPacer:
       while its claims grow with the share: shares converge to equal (a fair share), and the slot
       freed goes to whoever claims it first.
     * **Over the budget** (or a 429): every writer scales its share by ``budget / used``. A share
-      already cut below what it has in the window is not cut again for the same reading.
+      already cut below what it has in the window is not cut again for the same reading. A
+      rejected request frees its slot: HubSpot does not count it.
     * Slots of other writers between leaving the window and being used again look like room; the
       expected number of them (the others' requests times latency over the window) is not room.
     * While others write, starts are spread out over the window (at most 1/0.6 of the share's even
@@ -97,6 +102,7 @@ class RateLimitPacer:
         self._dither = self._rng.random()
         self._grown_at = 0.0
         self._answered = False
+        self._alone = False  # a reading from a request started after growing showed nobody else
         self._headerless = 0
         self.others = 0  # other writers' requests in the window at the last answer
 
@@ -168,6 +174,13 @@ class RateLimitPacer:
             now = time.monotonic()
             started = getattr(self._local, "started_at", None)
             self._local.started_at = None
+            if rate_limited and started is not None:
+                # HubSpot does not count a request it rejected: its slot is free again.
+                for queue in (self._started, self._history):
+                    try:
+                        queue.remove(started)
+                    except ValueError:
+                        pass
             if headers is not None:  # an answer (None: nothing came back, nothing to learn)
                 if started is not None:
                     self._latencies.append(now - started)
@@ -209,6 +222,7 @@ class RateLimitPacer:
         used = maximum - max(0, remaining)
         others = max(0, used - counted)
         self.others = others
+        self._alone = self._alone and not others
         # With company, one slot more is kept free: shares are whole slots and readings are noisy.
         budget = self.budget - (1 if others else 0)
         share = float(max(1, ours)) if self._share is None else self._share
@@ -223,15 +237,23 @@ class RateLimitPacer:
             free = budget - others - phantom - share
             # One increase per round trip: an answer to a request sent before the last increase
             # does not show it yet.
-            if free >= 1 and (started is None or started >= self._grown_at):
+            # Only a share in use is grown: others cannot see a share not yet used, so growing
+            # it again would build on room they are about to take.
+            realized = ours >= math.floor(share)
+            if free >= 1 and realized and (started is None or started >= self._grown_at):
                 self._grown_at = now
                 if others:
                     bulk = max(0.0, free - max(1, round(budget * self.CLAIM_ONLY)))
                     share += self.TAKE * bulk * share / (share + others)
                     if self._rng.random() < self.CLAIMS_PER_WINDOW / (share + others):
                         share += 1
-                else:
+                elif self._alone:
                     share += free
+                else:
+                    # Alone by one reading: double. Writers that start together see each other
+                    # only once their first requests arrive, so one more round trip decides.
+                    share += min(free, share)
+                    self._alone = True
                 share = min(share, budget - others - phantom)
             elif others and free < 0.5 and self._rng.random() < self.YIELD * share / (share + others):
                 share -= 1
