@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -53,8 +54,6 @@ def task_log(capfd):
 @pytest.fixture
 def postgres(monkeypatch):
     """A DB-API connection to PostgreSQL, and Airflow connection ``pg_source`` to the same database."""
-    import json
-
     import psycopg2
     from services import PG, unavailable
 
@@ -73,8 +72,6 @@ def postgres(monkeypatch):
 @pytest.fixture
 def mariadb(monkeypatch):
     """A DB-API connection to MariaDB, and Airflow connection ``mariadb_source`` to the same database."""
-    import json
-
     import mysql.connector
     from services import MARIADB, unavailable
 

@@ -1,4 +1,5 @@
-"""Helpers for tests that start real services: stopping their process groups, a fresh PostgreSQL database."""
+"""Helpers for tests that need real services: their addresses, skipping (or failing on CI) where one is absent,
+stopping their process groups, a fresh PostgreSQL database."""
 
 from __future__ import annotations
 
@@ -18,15 +19,18 @@ MARIADB = {"host": os.environ.get("HUBSPOT_TEST_MARIADB_HOST", "127.0.0.1"), "po
            "password": "", "database": "test"}
 
 
-def unavailable(what: str, error: Exception) -> None:
-    """Skip for an absent service, with the reason; fail instead where CI requires the services."""
+def missing(reason: str) -> None:
+    """Skip a test whose service or tool is absent, with the reason; fail instead where CI requires them."""
     import pytest
 
-    reason = f"{what} is not reachable ({type(error).__name__}: {str(error).strip()[:120]})"
     if REQUIRED:
         pytest.fail(f"{reason}; HUBSPOT_PROVIDER_REQUIRE_SERVICES=1 requires it")
     pytest.skip(reason)
 
+
+def unavailable(what: str, error: Exception) -> None:
+    """:func:`missing`, for a server that did not answer."""
+    missing(f"{what} is not reachable ({type(error).__name__}: {str(error).strip()[:120]})")
 
 
 def stop_process_groups(processes: Iterable[subprocess.Popen], grace_s: float = 30.0) -> None:
@@ -48,7 +52,6 @@ def stop_process_groups(processes: Iterable[subprocess.Popen], grace_s: float = 
 def fresh_postgres_database(prefix: str) -> Iterator[str]:
     """A new database on the local PostgreSQL (a SQLAlchemy URL), dropped afterwards."""
     import psycopg2
-
 
     try:
         admin = psycopg2.connect(connect_timeout=3, **PG)

@@ -28,14 +28,13 @@ from typing import Any
 import pytest
 import requests
 from consent_days import changes_over_days, write_consent_table
-from services import stop_process_groups
+from services import missing, stop_process_groups
 
 from hubspot_provider.run_summary import FIELD, run_summary_note, run_summary_text
 from hubspot_provider.testing import HubSpotEmulator
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
-REQUIRED = os.environ.get("HUBSPOT_PROVIDER_REQUIRE_SERVICES") == "1"
 ADMIN, PASSWORD = "admin", "browser-test-password"
 DAG_ID = "hubspot_consent_sync"
 DAY = datetime(2026, 3, 10, tzinfo=timezone.utc)
@@ -292,9 +291,7 @@ def browser():
         except ImportError as exc:  # the test extra installs it
             reason = f"Playwright for Python is not installed ({exc})"
     if reason:
-        if REQUIRED:
-            pytest.fail(f"{reason}; HUBSPOT_PROVIDER_REQUIRE_SERVICES=1 requires it")
-        pytest.skip(reason)
+        missing(reason)
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:

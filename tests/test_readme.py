@@ -46,13 +46,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from services import missing
 
 from hubspot_provider.testing import HubSpotEmulator
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 UV = REPO / ".tools" / "uv" / "bin" / "uv"
-REQUIRED = os.environ.get("HUBSPOT_PROVIDER_REQUIRE_SERVICES") == "1"
 EXAMPLE_PORT = "8765"
 DAG_FILES = ("hubspot_consent_sync.py", "hubspot_dead_letter_replay.py")
 
@@ -438,12 +438,6 @@ def test_the_two_commands_run_and_the_demo_prints_the_summary_shown():
 # --------------------------------------------------------------------------- a fresh virtualenv
 
 
-def unavailable(reason: str) -> None:
-    if REQUIRED:
-        pytest.fail(f"{reason}; HUBSPOT_PROVIDER_REQUIRE_SERVICES=1 requires it")
-    pytest.skip(reason)
-
-
 def pypi_reachable() -> bool:
     try:
         socket.create_connection(("pypi.org", 443), timeout=5).close()
@@ -493,14 +487,14 @@ def uv(args: list[str], env: dict[str, str], what: str) -> None:
         raise AssertionError(f"{shlex.join(command)} failed:\n{done.stderr[-3000:]}")
     offline = subprocess.run([*command, "--offline"], env=env, capture_output=True, text=True, timeout=600)
     if offline.returncode != 0:
-        unavailable(f"PyPI is unreachable and uv's cache lacks {what}: {tail(offline.stderr, 3)}")
+        missing(f"PyPI is unreachable and uv's cache lacks {what}: {tail(offline.stderr, 3)}")
 
 
 @pytest.fixture(scope="module")
 def fresh_venv(tmp_path_factory) -> FreshVenv:
     """A new virtualenv with only the built wheel and the README's requirements, installed as it says."""
     if not UV.exists():
-        unavailable(f"uv is not installed at {UV.relative_to(REPO)} (./bin/_env installs it)")
+        missing(f"uv is not installed at {UV.relative_to(REPO)} (./bin/_env installs it)")
     root = tmp_path_factory.mktemp("fresh-venv")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PYTHON", "VIRTUAL_ENV"))}
     uv(["build", "--wheel", "--out-dir", str(root / "dist"), str(REPO)], env, "the build backend")
