@@ -1,10 +1,12 @@
 """Several writer processes sharing one app's rate limit. Run with ``./bin/bench writers``.
 
 Starts one emulator process and N writer processes (each its own ``HubSpotHook``, as tasks on
-different workers would be), which all start at the same instant and write their share of the
-records. Prints, for each N, the records per second of all writers together against the ceiling
-(``rate_max`` requests per window × ``batch_size``), the requests answered 429, and each writer's
-share. Nothing is asserted.
+different workers would be). Once every process has imported Airflow and read its connection, they
+start together (or ``--stagger-s`` apart, to watch newcomers join a full window) and each writes an
+equal part of the records. Prints, for each N, the records per second of all writers together
+against the ceiling (``rate_max`` requests per window × ``batch_size``), the requests answered 429,
+and when each writer started and finished: with fair shares, writers that start together finish
+together. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -29,43 +31,67 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_hook import Emulator, records  # noqa: E402
 
 
-def writer(conn_env: str, offset: int, n: int, batch_size: int, start_at: float, out: multiprocessing.Queue) -> None:
+def writer(conn_env: str, offset: int, n: int, batch_size: int, delay_s: float, ready: multiprocessing.Queue,
+           go: Go, out: multiprocessing.Queue) -> None:
     os.environ["AIRFLOW_CONN_HUBSPOT_BENCH"] = conn_env
     from hubspot_provider.hooks.hubspot import HubSpotHook
 
     hook = HubSpotHook("hubspot_bench")
     data = records(n, offset)
     hook.settings  # read the connection before the clock starts
-    time.sleep(max(0.0, start_at - time.time()))
+    ready.put(os.getpid())
+    go.wait()
+    time.sleep(max(0.0, go.start_at.value + delay_s - time.time()))
     began = time.time()
     report = hook.write_statuses(data, batch_size=batch_size)
     out.put({"began": began, "ended": time.time(), "succeeded": report.succeeded, "failed": report.failed_count,
              "requests": report.requests, "answered_429": report.rate_limited})
 
 
-def run(writers: int, windows: int, rate_max: int, interval_ms: int, batch_size: int) -> dict:
+class Go:
+    """The start signal: set once every writer is ready, with the instant to start at."""
+
+    def __init__(self, context) -> None:
+        self.event = context.Event()
+        self.start_at = context.Value("d", 0.0)
+
+    def wait(self) -> None:
+        self.event.wait()
+
+    def set(self, start_at: float) -> None:
+        self.start_at.value = start_at
+        self.event.set()
+
+
+def run(writers: int, windows: int, rate_max: int, interval_ms: int, batch_size: int, stagger_s: float = 0.0) -> dict:
     ceiling = batch_size * rate_max / (interval_ms / 1000)
     total = int(ceiling * windows * interval_ms / 1000)
     emulator = Emulator(rate_limit_max=rate_max, rate_limit_interval_ms=interval_ms)
     try:
         emulator.connection("hubspot_bench")
         conn_env = os.environ["AIRFLOW_CONN_HUBSPOT_BENCH"]
-        out: multiprocessing.Queue = multiprocessing.get_context("spawn").Queue()
-        start_at = time.time() + 8 + writers  # time for every process to import Airflow
+        context = multiprocessing.get_context("spawn")
+        out: multiprocessing.Queue = context.Queue()
+        ready: multiprocessing.Queue = context.Queue()
+        go = Go(context)
         share = total // writers
         processes = [
-            multiprocessing.get_context("spawn").Process(
-                target=writer, args=(conn_env, i * share, share, batch_size, start_at, out))
+            context.Process(
+                target=writer, args=(conn_env, i * share, share, batch_size, i * stagger_s, ready, go, out))
             for i in range(writers)
         ]
         for process in processes:
             process.start()
+        for _ in processes:  # every process has imported Airflow and read its connection
+            ready.get(timeout=600)
+        go.set(time.time() + 0.5)
         results = [out.get(timeout=600) for _ in processes]
         for process in processes:
             process.join()
     finally:
         emulator.close()
-    wall = max(r["ended"] for r in results) - min(r["began"] for r in results)
+    first = min(r["began"] for r in results)
+    wall = max(r["ended"] for r in results) - first
     succeeded = sum(r["succeeded"] for r in results)
     requests = sum(r["requests"] for r in results)
     answered_429 = sum(r["answered_429"] for r in results)
@@ -74,7 +100,8 @@ def run(writers: int, windows: int, rate_max: int, interval_ms: int, batch_size:
         "wall_s": round(wall, 2), "records_per_s": round(succeeded / wall),
         "of_ceiling_pct": round(100 * succeeded / wall / ceiling, 1), "requests": requests,
         "answered_429": answered_429, "pct_429": round(100 * answered_429 / max(1, requests), 2),
-        "writer_wall_s": sorted(round(r["ended"] - r["began"], 1) for r in results),
+        "writers_began_s": sorted(round(r["began"] - first, 2) for r in results),
+        "writers_ended_s": sorted(round(r["ended"] - first, 1) for r in results),
     }
 
 
@@ -85,11 +112,13 @@ def main() -> None:
     parser.add_argument("--rate-max", type=int, default=50)
     parser.add_argument("--interval-ms", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--stagger-s", type=float, default=0.0,
+                        help="start writer i this many seconds × i after the first (newcomers joining)")
     args = parser.parse_args()
     print(json.dumps({
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "runs": [run(int(n), args.windows, args.rate_max, args.interval_ms, args.batch_size)
+        "runs": [run(int(n), args.windows, args.rate_max, args.interval_ms, args.batch_size, args.stagger_s)
                  for n in args.writers.split(",")],
     }, indent=2))
 
