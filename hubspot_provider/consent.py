@@ -400,6 +400,10 @@ COARSE_EMAIL_KEY_SQL = {
     "mysql": f"lower(regexp_replace(convert(email using utf8mb4), '(?-i)[^{_COARSE_KEEP}]', ''))",
 }
 _PROBE_DIALECTS = {"postgres": "postgres", "postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
+# MariaDB/MySQL use an index on an expression only through a generated column that the query names:
+# a source table with this column, generated as ``COARSE_EMAIL_KEY_SQL["mysql"]`` and indexed with
+# occurred_at (see the README), is probed through it.
+COARSE_KEY_COLUMN = "email_coarse_key"
 # Contacts per query where the database probes the index on the coarse key: small enough that the
 # planner picks the index for each query (with a large list it would scan the table instead).
 PROBE_CHUNK = 1_000
@@ -419,7 +423,8 @@ def coarse_email_key(email: str) -> str:
 
 
 def _later_query(
-    table: str, conn_type: str, placeholder: str, since: datetime, contacts: Sequence[str] | None = None
+    table: str, conn_type: str, placeholder: str, since: datetime, contacts: Sequence[str] | None = None,
+    key_sql: str | None = None,
 ) -> tuple[str, list[Any]]:
     """The source's events from a day before ``since`` onwards (the exact test is made in Python).
 
@@ -429,7 +434,8 @@ def _later_query(
     coarse keys of the interval's contacts, see :func:`coarse_email_key`), it returns them only for
     those contacts: with the README's index on (coarse key, occurred_at) the database probes the index
     once per contact, so a backfill of an old day reads about as many rows as its interval has keys,
-    however many days came after it. Elsewhere it returns them for every key since the interval.
+    however many days came after it (on MariaDB/MySQL, ``key_sql`` names the generated column that
+    holds the key). Elsewhere it returns them for every key since the interval.
     SQLite keeps timestamps as text whose offsets vary, so its latest text is not its latest
     instant: its later events are streamed and compared in Python.
     """
@@ -441,11 +447,12 @@ def _later_query(
     parameters: list[Any] = [bound]
     dialect = _PROBE_DIALECTS.get(conn_type)
     if contacts is not None and dialect is not None:
+        key_sql = key_sql or COARSE_EMAIL_KEY_SQL[dialect]
         if dialect == "postgres":
-            where = f"{COARSE_EMAIL_KEY_SQL[dialect]} = ANY({placeholder}) AND {where}"
+            where = f"{key_sql} = ANY({placeholder}) AND {where}"
             parameters.insert(0, list(contacts))
         else:
-            where = f"{COARSE_EMAIL_KEY_SQL[dialect]} IN ({', '.join([placeholder] * len(contacts))}) AND {where}"
+            where = f"{key_sql} IN ({', '.join([placeholder] * len(contacts))}) AND {where}"
             parameters[:0] = contacts
     # Grouped by the email as stored: Python then normalises each variant (case, any whitespace)
     # the same way as the interval's rows, which SQL's trim() would not. MariaDB/MySQL's usual
@@ -479,20 +486,68 @@ def _probes_contacts(conn_type: str) -> bool:
     return conn_type in _PROBE_DIALECTS
 
 
-def _postgres_plan(hook: Any, sql: str, parameters: list[Any]) -> dict[str, Any]:
-    """PostgreSQL's plan for a query (``EXPLAIN``, nothing run), as its top node."""
+def _fetch(hook: Any, sql: str, parameters: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """The rows of a small query, each as a dict by lower-cased column name."""
     conn = hook.get_conn()
     try:
         cursor = conn.cursor()
         try:
-            cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", parameters)
-            (plan,) = cursor.fetchone()
+            cursor.execute(sql, list(parameters))
+            names = [str(column[0]).lower() for column in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
         finally:
             cursor.close()
     finally:
         conn.close()
+
+
+def _postgres_plan(hook: Any, sql: str, parameters: list[Any]) -> dict[str, Any]:
+    """PostgreSQL's plan for a query (``EXPLAIN``, nothing run), as its top node."""
+    (row,) = _fetch(hook, f"EXPLAIN (FORMAT JSON) {sql}", parameters)
+    (plan,) = row.values()
     plan = json.loads(plan) if isinstance(plan, (str, bytes)) else plan
     return plan[0]["Plan"]
+
+
+def _sql_words(expression: str) -> str:
+    """An SQL expression as MariaDB prints it back, in one spelling: no quotes, spaces or case."""
+    text = re.sub(r"[`\s]", "", expression).lower()
+    return re.sub(r"\blcase\(", "lower(", text)
+
+
+def _mysql_key_column(hook: Any, table: str) -> str | None:
+    """``COARSE_KEY_COLUMN`` where ``table`` has it, generated exactly as the coarse key; else ``None``.
+
+    A column of that name computed any other way could leave out a contact's later event, so it is
+    used only when the server's own text of its expression is the coarse key's.
+    """
+    schema, _, name = table.rpartition(".")
+    rows = _fetch(
+        hook,
+        "SELECT generation_expression FROM information_schema.columns WHERE table_schema = "
+        + ("%s" if schema else "DATABASE()") + " AND table_name = %s AND column_name = %s",
+        [*([schema] if schema else []), name, COARSE_KEY_COLUMN],
+    )
+    expression = rows[0]["generation_expression"] if rows else None
+    if isinstance(expression, (bytes, bytearray)):
+        expression = expression.decode("utf-8")
+    if not expression:
+        return None
+    if _sql_words(expression) != _sql_words(COARSE_EMAIL_KEY_SQL["mysql"]):
+        log.warning("Later-events check: %s.%s is not generated as the coarse email key (see the README), so it "
+                    "is not used", table, COARSE_KEY_COLUMN)
+        return None
+    return COARSE_KEY_COLUMN
+
+
+def _log_one_scan(contacts: int, later_rows: float) -> None:
+    log.info("Later-events check: %d contacts of the interval, about %s later rows, read in one scan (fewer than "
+             "probing the index would cost)", contacts, f"{later_rows:,.0f}")
+
+
+def _mysql_plan(hook: Any, sql: str, parameters: Sequence[Any]) -> dict[str, Any]:
+    """MariaDB/MySQL's plan for a single-table query (``EXPLAIN``, nothing run): its one row."""
+    return _fetch(hook, f"EXPLAIN {sql}", parameters)[0]
 
 
 def _postgres_probes_index(hook: Any, sql: str, parameters: list[Any]) -> bool:
@@ -706,6 +761,7 @@ class _LatestPerKey:
             return
         how = "matched during one scan of the source's later rows"
         indexed = False
+        key_column = None
         if _PROBE_DIALECTS[conn_type] == "postgres":
             # Probing costs about what ten later rows cost to scan and match (measured: about 33 µs a
             # contact, 3.8 µs a row), so a scheduled run, whose later rows are about a day, scans them.
@@ -723,17 +779,49 @@ class _LatestPerKey:
                     how = f"probed through the index on the coarse email key (about {later_rows:,.0f} later rows)"
                 elif not many:
                     # Few later rows: one grouped scan of them all costs less than matching the contacts in it.
-                    log.info("Later-events check: %d contacts of the interval, about %s later rows, read in one "
-                             "scan (fewer than probing the index would cost)", len(keys), f"{later_rows:,.0f}")
+                    _log_one_scan(len(keys), later_rows)
                     yield _later_query(table, conn_type, placeholder, since)
                     return
                 else:
                     how += (f" (about {later_rows:,.0f}; PostgreSQL can probe per contact only with the README's "
                             "index on the coarse email key)")
+        else:
+            decided = self._mysql_probe(hook, conn_type, table, placeholder, since, keys)
+            if decided is None:  # few later rows: one grouped scan of them all
+                yield _later_query(table, conn_type, placeholder, since)
+                return
+            key_column, how = decided
+            indexed = key_column is not None
         chunk = PROBE_CHUNK if indexed else FILTER_CHUNK
         log.info("Later-events check: %d contacts of the interval, %s", len(keys), how)
         for contacts in _chunks(keys, chunk, FILTER_CHUNK_BYTES):
-            yield _later_query(table, conn_type, placeholder, since, contacts)
+            yield _later_query(table, conn_type, placeholder, since, contacts, key_column)
+
+    @staticmethod
+    def _mysql_probe(
+        hook: Any, conn_type: str, table: str, placeholder: str, since: datetime, keys: Sequence[str]
+    ) -> tuple[str | None, str] | None:
+        """How MariaDB/MySQL checks the later events: ``None`` for one grouped scan of them all (few),
+        else the generated key column to probe (``None``: match during a scan) and the words to log."""
+        how = "matched during one scan of the source's later rows"
+        try:
+            key_column = _mysql_key_column(hook, table)
+            if key_column is None:
+                return None, how + f" (MariaDB/MySQL can probe per contact only through the README's {COARSE_KEY_COLUMN} column)"
+            later_rows = float(_mysql_plan(hook, f"SELECT 1 FROM {table} WHERE occurred_at >= {placeholder}",
+                                           [since - timedelta(days=1)])["rows"] or 0)
+            if later_rows <= PROBE_ROWS_PER_CONTACT * len(keys):
+                _log_one_scan(len(keys), later_rows)
+                return None
+            plan = _mysql_plan(hook, *_later_query(table, conn_type, placeholder, since, keys[:PROBE_CHUNK], key_column))
+        except Exception as exc:  # a server without information_schema or this EXPLAIN
+            log.warning("Later-events check: could not read the server's plan (%s); the later rows are scanned",
+                        type(exc).__name__)
+            return None, how
+        if plan.get("type") not in ("range", "ref", "eq_ref", "ref_or_null") or not plan.get("key"):
+            return None, how + f" (about {later_rows:,.0f}; no index starts with {COARSE_KEY_COLUMN})"
+        return key_column, (f"probed through the index on {COARSE_KEY_COLUMN} ({plan['key']}, about "
+                            f"{later_rows:,.0f} later rows)")
 
     def _mark_rows(self, rows: Iterable[tuple], since: datetime) -> int:
         read = 0

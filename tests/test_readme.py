@@ -1061,3 +1061,33 @@ def test_the_readme_index_on_the_coarse_email_key_is_the_one_a_backfill_probes(p
     # The day's 50 contacts, each read once (its own event, inside the day of slack), and c7's later
     # opt-out: not the 58,000 events of the 29 days after it.
     assert counts["later_rows_read"] == 51
+
+
+@runs("coarse-key-column-mariadb")
+def test_the_readme_generated_key_column_is_the_one_a_mariadb_backfill_probes(mariadb, tmp_path, task_log):
+    from test_real_databases import execute
+
+    from hubspot_provider import consent
+
+    table = f"consent_events_{os.getpid()}_{int(time.time())}"
+    day = datetime(2026, 3, 1)
+    rows = [(f"c{i}@example.com", 1001, "SUBSCRIBED", day + timedelta(minutes=i)) for i in range(50)]
+    rows += [(f"d{i}@example.com", 1001, "SUBSCRIBED", day + timedelta(days=1 + i // 200, seconds=i)) for i in range(2000)]
+    rows.append((" C7@Example.COM", 1001, "UNSUBSCRIBED", datetime(2026, 3, 20, 10)))  # c7's later opt-out
+    # The README's table as MariaDB takes it (occurred_at a DATETIME(6) in UTC), then its column.
+    execute(mariadb,
+            f"CREATE TABLE {table} (email VARCHAR(254) CHARACTER SET utf8mb4, subscription_id BIGINT, "
+            "status VARCHAR(16), legal_basis VARCHAR(40), legal_basis_explanation TEXT, occurred_at DATETIME(6))",
+            block("coarse-key-column-mariadb").replace("consent_events", table),
+            rows=rows, insert=f"INSERT INTO {table} (email, subscription_id, status, occurred_at) VALUES (%s, %s, %s, %s)")
+    try:
+        counts = consent.extract_consent_events(
+            source_conn_id="mariadb_source", source_table=table,
+            data_interval_start=datetime(2026, 3, 1, tzinfo=timezone.utc),
+            data_interval_end=datetime(2026, 3, 2, tzinfo=timezone.utc), run_uri=(tmp_path / "run").as_uri())
+    finally:
+        execute(mariadb, f"DROP TABLE {table}")
+    assert f"50 contacts of the interval, probed through the index on email_coarse_key ({table}_email_key" in task_log()
+    assert (counts["in_interval"], counts["superseded_later"], counts["staged"]) == (50, 1, 49)
+    # The day's 50 contacts, each read once, and c7's later opt-out: not the 2,000 later events.
+    assert counts["later_rows_read"] == 51

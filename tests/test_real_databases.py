@@ -188,6 +188,47 @@ def test_a_backfill_reads_the_later_events_of_its_own_contacts_only(request, tmp
     assert counts["later_rows_read"] == 3
 
 
+def test_mariadb_probes_the_readme_s_generated_key_column_and_never_one_generated_otherwise(
+    mariadb, tmp_path, caplog, monkeypatch
+):
+    naive_start, naive_end = START.replace(tzinfo=None), END.replace(tzinfo=None)
+    rows = [
+        ("\u00e4dA@example.com", 1001, "SUBSCRIBED", naive_start + timedelta(hours=10)),
+        (" \u00c4DA@Example.com\t", 1001, "UNSUBSCRIBED", naive_end + timedelta(days=5)),  # decides äda
+        ("bo@example.com", 1001, "SUBSCRIBED", naive_start + timedelta(hours=11)),
+        *((f"other{i}@example.com", 1001, "SUBSCRIBED", naive_end + timedelta(hours=i)) for i in range(50)),
+    ]
+
+    def key_column(expression: str) -> str:
+        return (f"ADD COLUMN {consent.COARSE_KEY_COLUMN} VARCHAR(254) CHARACTER SET utf8mb4 AS ({expression}) "
+                f"VIRTUAL, ADD INDEX coarse_key_at ({consent.COARSE_KEY_COLUMN}, occurred_at)")
+
+    def run(name: str) -> dict:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="hubspot_provider.consent"):
+            counts = extract("mariadb_source", table, tmp_path / name)
+        assert staged(tmp_path / name) == {"bo@example.com/1001": "SUBSCRIBED"}
+        return counts
+
+    with consent_table(mariadb, "DATETIME(6)", rows, text="VARCHAR(254) CHARACTER SET utf8mb4") as table:
+        execute(mariadb, f"ALTER TABLE {table} {key_column(consent.COARSE_EMAIL_KEY_SQL['mysql'])}")
+        # 53 later rows, more than ten per contact of the interval: each contact is looked up in the index.
+        probed = run("probed")
+        assert "2 contacts of the interval, probed through the index on email_coarse_key (coarse_key_at" in caplog.text
+        assert probed["later_rows_read"] == 3  # the two contacts' rows only, as without the column
+        with monkeypatch.context() as patch:
+            patch.setattr(consent, "PROBE_ROWS_PER_CONTACT", 100)
+            few = run("few")  # 53 ≤ 200: one grouped scan of every later key costs less
+        assert "about 53 later rows, read in one scan" in caplog.text and few["later_rows_read"] == 53
+        # A column of that name computed otherwise (not lower-cased: 'ÄDA' would miss 'äda') is not trusted.
+        execute(mariadb, f"ALTER TABLE {table} DROP INDEX coarse_key_at, DROP COLUMN {consent.COARSE_KEY_COLUMN}",
+                f"ALTER TABLE {table} {key_column(consent.COARSE_EMAIL_KEY_SQL['mysql'].replace('lower(', 'upper('))}")
+        other = run("other")
+        assert "is not generated as the coarse email key" in caplog.text
+        assert "matched during one scan of the source's later rows" in caplog.text
+        assert other["later_rows_read"] == 3 and other["superseded_later"] == 1
+
+
 def test_mariadb_never_credits_one_contacts_later_event_to_another_its_collation_holds_equal(
     mariadb, tmp_path, monkeypatch
 ):
