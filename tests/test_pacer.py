@@ -224,6 +224,67 @@ def test_a_bigger_writer_yields_more_often_than_a_smaller_one():
     assert yields(30, MAX - 2 - 30) > 2 * yields(10, MAX - 2 - 10) > 0
 
 
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def answered(pacer: RateLimitPacer, started: float, used: int) -> None:
+    """The answer to the request of ours that started at ``started`` (another thread's, say)."""
+    pacer._local.started_at = started
+    pacer.release(headers(used))
+
+
+def test_a_slot_frees_a_window_after_its_start_plus_only_its_own_answer_s_delay():
+    clock = Clock()
+    pacer = RateLimitPacer(MAX, 1.0, clock=clock)
+    pacer._answered, pacer._alone, pacer._share = True, True, 2.0
+    fast, slow = clock.now, clock.now + 0.02
+    assert pacer.acquire(timeout=0)
+    clock.now += 0.01
+    answered(pacer, fast, 1)  # the fastest answer: 10 ms
+    clock.now = slow
+    assert pacer.acquire(timeout=0)
+    clock.now += 0.07
+    answered(pacer, slow, 2)  # 60 ms slower: it may have arrived 60 ms later
+    pacer._share = 2.0
+    clock.now = fast + 1.005
+    assert pacer.acquire(timeout=0)  # the fast one's slot is free a window after its start
+    clock.now = slow + 1.03
+    assert not pacer.acquire(timeout=0)  # the slow one's is held 60 ms more
+    clock.now = slow + 1.061
+    assert pacer.acquire(timeout=0)
+
+
+def test_a_writer_alone_is_not_made_to_share_by_its_own_requests_overtaking_each_other():
+    clock = Clock()
+    pacer = at_budget(0, 4)
+    pacer._clock = clock
+    pacer._alone, pacer._share = True, float(MAX - 1)
+    first = clock.now
+    assert pacer.acquire(timeout=0)
+    clock.now += 0.001
+    assert pacer.acquire(timeout=0)  # sent by another thread, it arrives first
+    clock.now += 0.01
+    answered(pacer, first, 2)  # HubSpot counted both with the first
+    assert pacer.others == 0 and pacer.share == MAX - 1
+
+
+def test_a_writer_alone_grows_back_to_the_whole_budget_from_within_a_slot_of_it():
+    pacer = at_budget(MAX - 1, 5)
+    # Cut a little by a reading over the budget (one request of its own counted late, say): less
+    # than a slot of room is left, which used to be no room at all.
+    pacer._alone, pacer._share = True, MAX - 1.5
+    pacer._in_flight += 1
+    pacer.release(headers(MAX - 1))  # the window holds our 49 and nobody else's
+    assert pacer.others == 0 and pacer.share == MAX - 1
+
+
 def test_two_writers_share_one_app_and_lose_nothing(hubspot_emulator_factory, hubspot_conn):
     emulator = hubspot_emulator_factory(rate_limit_max=10, rate_limit_interval_ms=500)
     conn_id = hubspot_conn(emulator)

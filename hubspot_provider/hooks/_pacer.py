@@ -13,7 +13,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 __all__ = ["RateLimitPacer"]
 
@@ -23,9 +23,10 @@ class RateLimitPacer:
 
     HubSpot counts an app's requests in a rolling window (``X-HubSpot-RateLimit-Max`` requests per
     ``-Interval-Milliseconds``) from when each arrives. The pacer remembers when each of its own
-    requests started and frees the slot one window later, plus the spread of latencies (at most 2%
-    of the window): a request started a window after another arrives a window after it, give or
-    take that. Counting from the answer instead would stretch every window by the latency.
+    requests started and frees the slot one window later, plus however much longer than the
+    fastest recent round trip that request's own answer took (it may have arrived that much
+    later): most slots free a window after their start, and a slow answer holds only its own.
+    Counting from the answer instead would stretch every window by the latency.
 
     **Several writers, no shared store.** Each writer (a task on some worker, or another
     integration of the same app) holds a *share*: how many of its own requests may be in the
@@ -38,7 +39,9 @@ class RateLimitPacer:
 
     * **Alone** (the window holds nobody else's requests): the whole budget, once a second
       round trip confirms it (the first doubles the share). One reading is no proof: writers
-      that start together see each other only once their first requests have arrived.
+      that start together see each other only once their first requests have arrived. Requests
+      of its own that overtook the one answered (sent by other threads) are not taken for
+      another writer's, and a share cut by a reading at the limit grows back to the budget.
     * **Only a share in use grows.** Others cannot see a share until its requests arrive, so a
       writer whose window holds fewer requests than its share does not grow it again.
     * **Room left**: a writer takes half the room times its part of the window, so all together
@@ -84,11 +87,15 @@ class RateLimitPacer:
     INTERVAL_MS_CAP = 86_400_000
 
     def __init__(
-        self, max_requests: int = 100, interval_s: float = 10.0, *, rng: random.Random | None = None
+        self, max_requests: int = 100, interval_s: float = 10.0, *, rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._clock = clock
         self.max_requests = max_requests
         self.interval_s = interval_s
         self._started: deque[float] = deque()  # start times of this writer's requests in the window
+        # Answered ones, by start: how long after their window each holds its slot.
+        self._hold: dict[float, list[float]] = {}
         self._history: deque[float] = deque()  # and over the last two windows
         self._in_flight = 0
         self._share: float | None = None  # None until HubSpot's headers told how full the window is
@@ -127,19 +134,17 @@ class RateLimitPacer:
 
     def acquire(self, timeout: float | None = None) -> bool:
         """Wait for room in the window and take a slot; ``False`` when ``timeout`` seconds pass first."""
-        give_up = None if timeout is None else time.monotonic() + timeout
+        give_up = None if timeout is None else self._clock() + timeout
         with self._cond:
             while True:
-                now = time.monotonic()
+                now = self._clock()
                 limit = float("inf") if give_up is None else give_up - now
                 if now < self._blocked_until:
                     if limit <= 0:
                         return False
                     self._cond.wait(min(self._blocked_until - now, limit))
                     continue
-                horizon = now - self.interval_s - self._margin
-                while self._started and self._started[0] <= horizon:
-                    self._started.popleft()
+                frees_at = self._free_slots(now)
                 while self._history and self._history[0] <= now - 2 * self.interval_s - 1:
                     self._history.popleft()
                 limit_n = self._limit()
@@ -158,20 +163,47 @@ class RateLimitPacer:
                     return True
                 if limit <= 0:
                     return False
-                # Woken early when the share grows (or the oldest slot frees).
-                wait_s = (self._started[0] - horizon) if self._started else None
+                # Woken early when the share grows, an answer comes, or the oldest slot frees.
+                wait_s = None if frees_at is None else max(0.0, frees_at - now)
                 if self._started and self.others and len(self._started) < limit_n:
                     wait_s = max(0.0, spaced - now)
                 if give_up is not None:
                     wait_s = limit if wait_s is None else min(wait_s, limit)
                 self._cond.wait(wait_s)
 
+    def _free_slots(self, now: float) -> float | None:
+        """Free the slots of requests that have surely left HubSpot's window; when the oldest left
+        frees (``None``: no slot, or its request is still in flight, so its answer will tell).
+
+        A request leaves the window one interval after it arrived. It arrived after it started, by
+        at most its round trip less the fastest round trip of late (the rest of the fastest one is
+        spent on the way back, and a new request takes at least as long to arrive): that excess,
+        known from its answer, holds the slot longer. Most answers come in about the fastest time,
+        so most slots free a window after their start, and one slow answer holds only its own.
+        """
+        started, hold = self._started, self._hold
+        while started:
+            first = started[0]
+            holds = hold.get(first)
+            # Still in flight: held until its answer, at most a window more.
+            extra = holds[0] if holds else (self.interval_s if first <= now - 2 * self.interval_s else None)
+            if extra is None:
+                return None
+            if first + self.interval_s + extra > now:
+                return first + self.interval_s + extra
+            started.popleft()
+            if holds:
+                holds.pop(0)
+                if not holds:
+                    del hold[first]
+        return None
+
     def release(self, headers: Mapping[str, str] | None, *, rate_limited: bool = False) -> None:
         with self._cond:
             self._in_flight -= 1
             if not rate_limited:
                 self._consecutive_429 = 0
-            now = time.monotonic()
+            now = self._clock()
             started = getattr(self._local, "started_at", None)
             self._local.started_at = None
             if rate_limited and started is not None:
@@ -181,10 +213,15 @@ class RateLimitPacer:
                         queue.remove(started)
                     except ValueError:
                         pass
-            if headers is not None:  # an answer (None: nothing came back, nothing to learn)
-                if started is not None:
+            if started is not None and not rate_limited:
+                if headers is not None:
                     self._latencies.append(now - started)
                     self._margin = min(max(self._latencies) - min(self._latencies), self.interval_s / 50)
+                    extra = now - started - min(self._latencies)
+                else:  # nothing came back: it may have arrived as late as now
+                    extra = now - started
+                self._hold.setdefault(started, []).append(extra)
+            if headers is not None:  # an answer (None: nothing came back, nothing to learn)
                 if self._learn(headers, now, rate_limited, started):
                     self._answered = True
                 else:
@@ -221,6 +258,13 @@ class RateLimitPacer:
             counted = ours
         used = maximum - max(0, remaining)
         others = max(0, used - counted)
+        # Requests of ours started after this one, before its answer, may have overtaken it (they
+        # are prepared and sent by other threads): only what is left beyond all of them is surely
+        # another writer's. A writer alone is not made to share with its own requests.
+        company = started is None or used > (
+            bisect_right(history, now) - bisect_right(history, started - self.interval_s - self._margin))
+        if not company:
+            others = 0
         self.others = others
         self._alone = self._alone and not others
         # With company, one slot more is kept free: shares are whole slots and readings are noisy.
@@ -240,7 +284,8 @@ class RateLimitPacer:
             # Only a share in use is grown: others cannot see a share not yet used, so growing
             # it again would build on room they are about to take.
             realized = ours >= math.floor(share)
-            if free >= 1 and realized and (started is None or started >= self._grown_at):
+            if (free >= 1 or (free > 0 and not others)) and realized and (
+                    started is None or started >= self._grown_at):
                 self._grown_at = now
                 if others:
                     bulk = max(0.0, free - max(1, round(budget * self.CLAIM_ONLY)))
@@ -266,7 +311,7 @@ class RateLimitPacer:
     def block_for(self, seconds: float) -> None:
         """Hold every start for ``seconds`` (after a 429, the window is fuller than we knew)."""
         with self._cond:
-            self._blocked_until = max(self._blocked_until, time.monotonic() + seconds)
+            self._blocked_until = max(self._blocked_until, self._clock() + seconds)
 
     def wait_after_429(self) -> float:
         """How long to hold off after a 429 that came without ``Retry-After``.
