@@ -6,6 +6,8 @@ import random
 import threading
 import time
 
+import pytest
+
 from hubspot_provider.hooks._pacer import RateLimitPacer
 from hubspot_provider.hooks.hubspot import HubSpotHook
 
@@ -283,6 +285,33 @@ def test_a_writer_alone_grows_back_to_the_whole_budget_from_within_a_slot_of_it(
     pacer._in_flight += 1
     pacer.release(headers(MAX - 1))  # the window holds our 49 and nobody else's
     assert pacer.others == 0 and pacer.share == MAX - 1
+
+
+@pytest.mark.parametrize(("others", "spaced_s"), [(10, 0.6 / 20), (30, 0.6 / 20)])
+def test_a_grown_share_goes_out_at_once_only_for_a_writer_holding_most_of_the_window(others, spaced_s):
+    clock = Clock()
+    pacer = RateLimitPacer(MAX, 1.0, clock=clock)
+    pacer._answered, pacer.others = True, others
+    for i in range(10):  # ten requests of ours spread over the last window
+        clock.now += 0.09 if i else 0
+        assert pacer.acquire(timeout=0)
+    pacer._share = 20.0  # grown to twenty
+    clock.now += spaced_s / 10  # a twentieth of the even spacing later than the last start
+    assert pacer.acquire(timeout=0) == (others <= 20)
+    clock.now += spaced_s  # at the spacing every writer keeps
+    assert pacer.acquire(timeout=0)
+
+
+def test_half_a_slot_of_room_is_claimed_not_left_unused():
+    pacer = at_budget(20, 9)
+    pacer._share = 20.4  # 20.4 + 27 others of a budget of 48: 0.6 of a slot is free
+    for _ in range(300):
+        pacer._in_flight += 1
+        pacer.release(headers(20 + 27))
+        if pacer.share > 20.4:
+            break
+    # All of it: the share is 21 less the others' slots between leaving and coming back (a hair).
+    assert pacer.others == 27 and 20.99 < pacer.share <= 21
 
 
 def test_two_writers_share_one_app_and_lose_nothing(hubspot_emulator_factory, hubspot_conn):

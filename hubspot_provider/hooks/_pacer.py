@@ -49,8 +49,10 @@ class RateLimitPacer:
       show it) and approach the budget without overshooting it. The last
       4% of the budget goes only by *claims* of one slot, made at a chance per answer of
       ``4 / used``: four claims per window among all writers, each writer's in proportion to its
-      share.
-    * **At the budget**, while others write: a writer gives a slot back at a chance per answer of
+      share. Half a slot of room is room (a claim then takes that half): shares are fractions,
+      and a band where a writer neither claims nor yields would leave a slot unused for good.
+    * **At the budget** (less than half a slot of room), while others write: a writer gives a
+      slot back at a chance per answer of
       ``8% × its part of the window``, so each writer's yields grow with the square of its share
       while its claims grow with the share: shares converge to equal (a fair share), and the slot
       freed goes to whoever claims it first.
@@ -61,7 +63,10 @@ class RateLimitPacer:
       expected number of them (the others' requests times latency over the window) is not room.
     * While others write, starts are spread out over the window (at most 1/0.6 of the share's even
       rate), so no burst of slots leaves the window at once for every writer to race for (a writer
-      alone sends as fast as its window allows); a share's fraction is
+      alone sends as fast as its window allows). A share just grown is put to use at once (at 20
+      times the even rate) by a writer that holds at least as many of the window's requests as
+      all others together: until it is used others cannot see it, and a slow ramp of the biggest
+      writer is most of the window left unused. A share's fraction is
       dithered so that small shares add up to the budget on average.
 
     Until the first answer a writer sends one request: a new writer (a shard's task starting while
@@ -80,6 +85,9 @@ class RateLimitPacer:
     YIELD = 0.08
     # Starts are at least this part of the share's even spacing apart.
     SPACING = 0.6
+    # ... and this part, while a share just grown is not yet in use by a writer that holds at least
+    # as many of the window's requests as all others together.
+    CATCH_UP = 0.05
     # Answers without rate-limit headers after which a new writer stops probing with one request.
     HEADERLESS_ANSWERS = 3
     # Readings beyond these are ignored (HubSpot's largest limit is a few hundred per 10 s).
@@ -150,7 +158,11 @@ class RateLimitPacer:
                 limit_n = self._limit()
                 # Starts are spread evenly over the window: no bursts, so no burst of slots leaving
                 # the window at once that every writer would race to fill.
-                spaced = (self._started[-1] + self.interval_s / limit_n * self.SPACING
+                # A share just grown is put to use at once by a writer holding most of the window:
+                # others see a share only once it is used, and its growth is most of theirs.
+                catch_up = len(self._started) < limit_n - 1 and self.others <= limit_n
+                spacing = self.CATCH_UP if catch_up else self.SPACING
+                spaced = (self._started[-1] + self.interval_s / limit_n * spacing
                           if self._started and self.others else now)
                 # Until the first answer tells how full the app's window is (another worker may have
                 # filled it), one request at a time: the reserve absorbs that probe.
@@ -284,7 +296,7 @@ class RateLimitPacer:
             # Only a share in use is grown: others cannot see a share not yet used, so growing
             # it again would build on room they are about to take.
             realized = ours >= math.floor(share)
-            if (free >= 1 or (free > 0 and not others)) and realized and (
+            if (free >= 0.5 or (free > 0 and not others)) and realized and (
                     started is None or started >= self._grown_at):
                 self._grown_at = now
                 if others:
