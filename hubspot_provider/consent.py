@@ -515,29 +515,40 @@ def _sql_words(expression: str) -> str:
     return re.sub(r"\blcase\(", "lower(", text)
 
 
-def _mysql_key_column(hook: Any, table: str) -> str | None:
-    """``COARSE_KEY_COLUMN`` where ``table`` has it, generated exactly as the coarse key; else ``None``.
+def _text(value: Any) -> Any:
+    return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else value
 
-    A column of that name computed any other way could leave out a contact's later event, so it is
-    used only when the server's own text of its expression is the coarse key's.
+
+def _mysql_key_column(hook: Any, table: str) -> tuple[str, set[str]] | None:
+    """``COARSE_KEY_COLUMN`` where ``table`` has it, generated exactly as the coarse key and long
+    enough for any email the table holds, with the indexes that start with it; else ``None``.
+
+    A column of that name computed any other way (or cut short) could leave out a contact's later
+    event, so it is used only when the server's own text of its expression is the coarse key's.
     """
     schema, _, name = table.rpartition(".")
-    rows = _fetch(
-        hook,
-        "SELECT generation_expression FROM information_schema.columns WHERE table_schema = "
-        + ("%s" if schema else "DATABASE()") + " AND table_name = %s AND column_name = %s",
-        [*([schema] if schema else []), name, COARSE_KEY_COLUMN],
-    )
-    expression = rows[0]["generation_expression"] if rows else None
-    if isinstance(expression, (bytes, bytearray)):
-        expression = expression.decode("utf-8")
+    where = ("table_schema = %s" if schema else "table_schema = DATABASE()") + " AND table_name = %s"
+    bound = [*([schema] if schema else []), name]
+    columns = {
+        _text(row["column_name"]).lower(): row for row in _fetch(
+            hook, "SELECT column_name, generation_expression, character_maximum_length FROM "
+            f"information_schema.columns WHERE {where} AND column_name IN (%s, %s)", [*bound, "email", COARSE_KEY_COLUMN])
+    }
+    key = columns.get(COARSE_KEY_COLUMN)
+    expression = _text(key["generation_expression"]) if key else None
     if not expression:
         return None
-    if _sql_words(expression) != _sql_words(COARSE_EMAIL_KEY_SQL["mysql"]):
-        log.warning("Later-events check: %s.%s is not generated as the coarse email key (see the README), so it "
-                    "is not used", table, COARSE_KEY_COLUMN)
+    email_length = columns.get("email", {}).get("character_maximum_length")
+    key_length = key["character_maximum_length"]
+    if _sql_words(expression) != _sql_words(COARSE_EMAIL_KEY_SQL["mysql"]) or not (
+            email_length and key_length and int(key_length) >= int(email_length)):
+        log.warning("Later-events check: %s.%s is not generated as the coarse email key, as long as the email "
+                    "column (see the README), so it is not used", table, COARSE_KEY_COLUMN)
         return None
-    return COARSE_KEY_COLUMN
+    indexes = {_text(row["index_name"]) for row in _fetch(
+        hook, f"SELECT index_name FROM information_schema.statistics WHERE {where} AND column_name = %s "
+        "AND seq_in_index = 1", [*bound, COARSE_KEY_COLUMN])}
+    return COARSE_KEY_COLUMN, indexes
 
 
 def _log_one_scan(contacts: int, later_rows: float) -> None:
@@ -805,9 +816,10 @@ class _LatestPerKey:
         else the generated key column to probe (``None``: match during a scan) and the words to log."""
         how = "matched during one scan of the source's later rows"
         try:
-            key_column = _mysql_key_column(hook, table)
-            if key_column is None:
+            found = _mysql_key_column(hook, table)
+            if found is None:
                 return None, how + f" (MariaDB/MySQL can probe per contact only through the README's {COARSE_KEY_COLUMN} column)"
+            key_column, indexes = found
             later_rows = float(_mysql_plan(hook, f"SELECT 1 FROM {table} WHERE occurred_at >= {placeholder}",
                                            [since - timedelta(days=1)])["rows"] or 0)
             if later_rows <= PROBE_ROWS_PER_CONTACT * len(keys):
@@ -818,8 +830,8 @@ class _LatestPerKey:
             log.warning("Later-events check: could not read the server's plan (%s); the later rows are scanned",
                         type(exc).__name__)
             return None, how
-        if plan.get("type") not in ("range", "ref", "eq_ref", "ref_or_null") or not plan.get("key"):
-            return None, how + f" (about {later_rows:,.0f}; no index starts with {COARSE_KEY_COLUMN})"
+        if plan.get("type") not in ("range", "ref", "eq_ref", "ref_or_null") or _text(plan.get("key")) not in indexes:
+            return None, how + f" (about {later_rows:,.0f}; no index starting with {COARSE_KEY_COLUMN} is used)"
         return key_column, (f"probed through the index on {COARSE_KEY_COLUMN} ({plan['key']}, about "
                             f"{later_rows:,.0f} later rows)")
 

@@ -263,18 +263,52 @@ def test_a_slot_frees_a_window_after_its_start_plus_only_its_own_answer_s_delay(
     assert pacer.acquire(timeout=0)
 
 
-def test_a_writer_alone_is_not_made_to_share_by_its_own_requests_overtaking_each_other():
+def test_a_request_still_in_flight_holds_only_its_own_slot_and_two_windows_at_most():
+    clock = Clock()
+    pacer = RateLimitPacer(MAX, 1.0, clock=clock)
+    pacer._answered, pacer._alone, pacer._share = True, True, 2.0
+    hung = clock.now
+    assert pacer.acquire(timeout=0)  # never answered (a read that hangs)
+    clock.now += 0.02
+    fast = clock.now
+    assert pacer.acquire(timeout=0)
+    clock.now += 0.01
+    answered(pacer, fast, 2)
+    pacer._share = 2.0
+    clock.now = fast + 1.001
+    assert pacer.acquire(timeout=0)  # the answered one's slot frees behind the hung one
+    assert not pacer.acquire(timeout=0)
+    clock.now = hung + 2.001
+    assert pacer.acquire(timeout=0)  # the hung one's, two windows after its start
+
+
+def test_a_writer_alone_is_not_made_to_share_by_its_own_overtaking_requests_but_sees_a_newcomer():
     clock = Clock()
     pacer = at_budget(0, 4)
     pacer._clock = clock
     pacer._alone, pacer._share = True, float(MAX - 1)
-    first = clock.now
+
+    def one_more_than_ours_before_it() -> None:
+        """Two requests sent, the first answered with one request in HubSpot's count beyond ours
+        started before it: the second, sent by another thread, overtook it; or another writer's."""
+        first = clock.now
+        assert pacer.acquire(timeout=0)
+        clock.now += 0.03
+        assert pacer.acquire(timeout=0)
+        clock.now += 0.01
+        answered(pacer, first, len(pacer._started) - 1 + 1)
+        pacer._in_flight -= 1  # the second's answer is not needed here
+
+    alone = clock.now
     assert pacer.acquire(timeout=0)
-    clock.now += 0.001
-    assert pacer.acquire(timeout=0)  # sent by another thread, it arrives first
     clock.now += 0.01
-    answered(pacer, first, 2)  # HubSpot counted both with the first
-    assert pacer.others == 0 and pacer.share == MAX - 1
+    answered(pacer, alone, 1)  # nobody else
+    one_more_than_ours_before_it()
+    assert pacer.others == 0 and pacer.share == MAX - 1  # taken as its own second request
+    # In every reading from then on: a newcomer's request, not overtaking, which comes and goes.
+    for _ in range(8):
+        one_more_than_ours_before_it()
+    assert pacer.others == 1 and pacer.share < MAX - 1
 
 
 def test_a_writer_alone_grows_back_to_the_whole_budget_from_within_a_slot_of_it():
@@ -304,14 +338,16 @@ def test_a_grown_share_goes_out_at_once_only_for_a_writer_holding_most_of_the_wi
 
 def test_half_a_slot_of_room_is_claimed_not_left_unused():
     pacer = at_budget(20, 9)
+    clock = Clock()
+    clock.now = time.monotonic()  # and no time passes: none of the others' slots are in transit
+    pacer._clock, pacer._local.started_at = clock, None
     pacer._share = 20.4  # 20.4 + 27 others of a budget of 48: 0.6 of a slot is free
     for _ in range(300):
         pacer._in_flight += 1
         pacer.release(headers(20 + 27))
         if pacer.share > 20.4:
             break
-    # All of it: the share is 21 less the others' slots between leaving and coming back (a hair).
-    assert pacer.others == 27 and 20.99 < pacer.share <= 21
+    assert pacer.others == 27 and pacer.share == 21
 
 
 def test_two_writers_share_one_app_and_lose_nothing(hubspot_emulator_factory, hubspot_conn):

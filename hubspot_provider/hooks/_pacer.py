@@ -117,6 +117,7 @@ class RateLimitPacer:
         self._dither = self._rng.random()
         self._grown_at = 0.0
         self._answered = False
+        self._recent_others: deque[int] = deque(maxlen=8)  # others in the last few readings, as read
         self._alone = False  # a reading from a request started after growing showed nobody else
         self._headerless = 0
         self.others = 0  # other writers' requests in the window at the last answer
@@ -184,31 +185,46 @@ class RateLimitPacer:
                 self._cond.wait(wait_s)
 
     def _free_slots(self, now: float) -> float | None:
-        """Free the slots of requests that have surely left HubSpot's window; when the oldest left
-        frees (``None``: no slot, or its request is still in flight, so its answer will tell).
+        """Free the slots of requests that have surely left HubSpot's window; when the next one
+        frees (``None``: no slot held).
 
         A request leaves the window one interval after it arrived. It arrived after it started, by
         at most its round trip less the fastest round trip of late (the rest of the fastest one is
         spent on the way back, and a new request takes at least as long to arrive): that excess,
         known from its answer, holds the slot longer. Most answers come in about the fastest time,
-        so most slots free a window after their start, and one slow answer holds only its own.
+        so most slots free a window after their start, and one slow answer holds only its own. A
+        request still in flight holds its slot until its answer, or two windows at most.
         """
         started, hold = self._started, self._hold
-        while started:
-            first = started[0]
-            holds = hold.get(first)
-            # Still in flight: held until its answer, at most a window more.
-            extra = holds[0] if holds else (self.interval_s if first <= now - 2 * self.interval_s else None)
-            if extra is None:
-                return None
-            if first + self.interval_s + extra > now:
-                return first + self.interval_s + extra
-            started.popleft()
-            if holds:
-                holds.pop(0)
-                if not holds:
-                    del hold[first]
-        return None
+        if not started:
+            return None
+        if started[0] > now - self.interval_s:  # nothing can have left yet
+            return started[0] + self.interval_s
+        kept: deque[float] = deque()
+        taken: dict[float, int] = {}  # holds used so far, per start (two requests may share one)
+        frees_at = None
+        for first in started:
+            holds = hold.get(first, ())
+            used = taken.get(first, 0)
+            taken[first] = used + 1
+            if used < len(holds):
+                at = first + self.interval_s + holds[used]
+            else:  # still in flight
+                at = first + 2 * self.interval_s
+            if at <= now:
+                if used < len(holds):
+                    holds[used] = -1.0  # spent
+                continue
+            kept.append(first)
+            frees_at = at if frees_at is None else min(frees_at, at)
+        for first in taken:
+            left = [extra for extra in hold.get(first, ()) if extra >= 0]
+            if left:
+                hold[first] = left
+            else:
+                hold.pop(first, None)
+        self._started = kept
+        return frees_at
 
     def release(self, headers: Mapping[str, str] | None, *, rate_limited: bool = False) -> None:
         with self._cond:
@@ -232,7 +248,8 @@ class RateLimitPacer:
                     extra = now - started - min(self._latencies)
                 else:  # nothing came back: it may have arrived as late as now
                     extra = now - started
-                self._hold.setdefault(started, []).append(extra)
+                if self._started and started >= self._started[0]:  # its slot is still held
+                    self._hold.setdefault(started, []).append(extra)
             if headers is not None:  # an answer (None: nothing came back, nothing to learn)
                 if self._learn(headers, now, rate_limited, started):
                     self._answered = True
@@ -271,11 +288,15 @@ class RateLimitPacer:
         used = maximum - max(0, remaining)
         others = max(0, used - counted)
         # Requests of ours started after this one, before its answer, may have overtaken it (they
-        # are prepared and sent by other threads): only what is left beyond all of them is surely
-        # another writer's. A writer alone is not made to share with its own requests.
-        company = started is None or used > (
+        # are prepared and sent by other threads), so a reading can show one or two requests more
+        # than ours with nobody else writing. Such a reading is taken as ours when what is left
+        # beyond all of them is nothing and a recent reading showed nobody else at all: overtaking
+        # comes and goes, while another writer's requests (a newcomer's one a window, say) show
+        # in every reading.
+        self._recent_others.append(others)
+        overtaken = started is not None and used <= (
             bisect_right(history, now) - bisect_right(history, started - self.interval_s - self._margin))
-        if not company:
+        if overtaken and min(self._recent_others) == 0:
             others = 0
         self.others = others
         self._alone = self._alone and not others
