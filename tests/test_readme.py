@@ -1064,7 +1064,7 @@ def test_the_readme_index_on_the_coarse_email_key_is_the_one_a_backfill_probes(p
 
 
 @runs("coarse-key-column-mariadb")
-def test_the_readme_generated_key_column_is_the_one_a_mariadb_backfill_probes(mariadb, tmp_path, task_log):
+def test_the_readme_generated_key_column_is_the_one_a_mariadb_backfill_probes(mariadb, tmp_path, caplog, task_log):
     from test_real_databases import execute
 
     from hubspot_provider import consent
@@ -1081,13 +1081,16 @@ def test_the_readme_generated_key_column_is_the_one_a_mariadb_backfill_probes(ma
             block("coarse-key-column-mariadb").replace("consent_events", table),
             rows=rows, insert=f"INSERT INTO {table} (email, subscription_id, status, occurred_at) VALUES (%s, %s, %s, %s)")
     try:
-        counts = consent.extract_consent_events(
-            source_conn_id="mariadb_source", source_table=table,
-            data_interval_start=datetime(2026, 3, 1, tzinfo=timezone.utc),
-            data_interval_end=datetime(2026, 3, 2, tzinfo=timezone.utc), run_uri=(tmp_path / "run").as_uri())
+        with caplog.at_level("INFO", logger="hubspot_provider.consent"):
+            counts = consent.extract_consent_events(
+                source_conn_id="mariadb_source", source_table=table,
+                data_interval_start=datetime(2026, 3, 1, tzinfo=timezone.utc),
+                data_interval_end=datetime(2026, 3, 2, tzinfo=timezone.utc), run_uri=(tmp_path / "run").as_uri())
     finally:
         execute(mariadb, f"DROP TABLE {table}")
-    assert f"50 contacts of the interval, probed through the index on email_coarse_key ({table}_email_key" in task_log()
+    # Where the log goes depends on whether Airflow has set up its logging yet: read both.
+    logged = caplog.text + task_log()
+    assert f"50 contacts of the interval, probed through the index on email_coarse_key ({table}_email_key" in logged
     assert (counts["in_interval"], counts["superseded_later"], counts["staged"]) == (50, 1, 49)
     # The day's 50 contacts, each read once, and c7's later opt-out: not the 2,000 later events.
     assert counts["later_rows_read"] == 51
