@@ -515,10 +515,6 @@ def _sql_words(expression: str) -> str:
     return re.sub(r"\blcase\(", "lower(", text)
 
 
-def _text(value: Any) -> Any:
-    return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else value
-
-
 def _mysql_key_column(hook: Any, table: str) -> tuple[str, set[str]] | None:
     """``COARSE_KEY_COLUMN`` where ``table`` has it, generated exactly as the coarse key and long
     enough for any email the table holds, with the indexes that start with it; else ``None``.
@@ -530,12 +526,12 @@ def _mysql_key_column(hook: Any, table: str) -> tuple[str, set[str]] | None:
     where = ("table_schema = %s" if schema else "table_schema = DATABASE()") + " AND table_name = %s"
     bound = [*([schema] if schema else []), name]
     columns = {
-        _text(row["column_name"]).lower(): row for row in _fetch(
+        _json_scalar(row["column_name"]).lower(): row for row in _fetch(
             hook, "SELECT column_name, generation_expression, character_maximum_length FROM "
             f"information_schema.columns WHERE {where} AND column_name IN (%s, %s)", [*bound, "email", COARSE_KEY_COLUMN])
     }
     key = columns.get(COARSE_KEY_COLUMN)
-    expression = _text(key["generation_expression"]) if key else None
+    expression = _json_scalar(key["generation_expression"]) if key else None
     if not expression:
         return None
     email_length = columns.get("email", {}).get("character_maximum_length")
@@ -545,7 +541,7 @@ def _mysql_key_column(hook: Any, table: str) -> tuple[str, set[str]] | None:
         log.warning("Later-events check: %s.%s is not generated as the coarse email key, as long as the email "
                     "column (see the README), so it is not used", table, COARSE_KEY_COLUMN)
         return None
-    indexes = {_text(row["index_name"]) for row in _fetch(
+    indexes = {_json_scalar(row["index_name"]) for row in _fetch(
         hook, f"SELECT index_name FROM information_schema.statistics WHERE {where} AND column_name = %s "
         "AND seq_in_index = 1", [*bound, COARSE_KEY_COLUMN])}
     return COARSE_KEY_COLUMN, indexes
@@ -830,7 +826,7 @@ class _LatestPerKey:
             log.warning("Later-events check: could not read the server's plan (%s); the later rows are scanned",
                         type(exc).__name__)
             return None, how
-        if plan.get("type") not in ("range", "ref", "eq_ref", "ref_or_null") or _text(plan.get("key")) not in indexes:
+        if plan.get("type") not in ("range", "ref", "eq_ref", "ref_or_null") or _json_scalar(plan.get("key")) not in indexes:
             return None, how + f" (about {later_rows:,.0f}; no index starting with {COARSE_KEY_COLUMN} is used)"
         return key_column, (f"probed through the index on {COARSE_KEY_COLUMN} ({plan['key']}, about "
                             f"{later_rows:,.0f} later rows)")
