@@ -154,8 +154,8 @@ def test_a_writer_never_claims_what_others_hold():
     for _ in range(12):
         answer(pacer, others=30)
         assert pacer.others == 30
-        # The budget (49) less one slot kept free with company, less the others' 30.
-        assert pacer.share is not None and pacer.share <= MAX - 2 - 30
+        # The budget (49) less the others' 30.
+        assert pacer.share is not None and pacer.share <= MAX - 1 - 30
 
 
 def test_over_the_budget_every_share_scales_down_once_per_reading():
@@ -168,8 +168,8 @@ def test_over_the_budget_every_share_scales_down_once_per_reading():
     pacer._in_flight += 1
     pacer.release(headers(MAX))  # another writer filled the window past the budget (49)
     cut = pacer.share
-    # Scaled by (budget less the slot kept free with company) / used.
-    assert cut is not None and cut < before and cut <= ours * (MAX - 2) / MAX + 1e-9
+    # Scaled by budget / used.
+    assert cut is not None and cut < before and cut <= ours * (MAX - 1) / MAX + 1e-9
     # The same (stale) reading again: our requests have not left the window, nothing more is cut.
     pacer._in_flight += 1
     pacer.release(headers(MAX))
@@ -200,13 +200,13 @@ def test_at_the_budget_a_writer_yields_only_when_others_write():
     alone = at_budget(MAX - 1, 3)
     shared = at_budget(20, 3)
     for _ in range(300):
-        # The window sits at the budget: 49 alone, 48 with company (one slot more kept free).
+        # The window sits at the budget: 49.
         alone._in_flight += 1
         alone.release(headers(MAX - 1))
         shared._in_flight += 1
-        shared.release(headers(MAX - 2))
+        shared.release(headers(MAX - 1))
     assert alone.others == 0 and alone.share == MAX - 1
-    assert shared.others == MAX - 2 - 20 and shared.share < 20
+    assert shared.others == MAX - 1 - 20 and shared.share < 20
 
 
 def test_a_bigger_writer_yields_more_often_than_a_smaller_one():
@@ -215,15 +215,33 @@ def test_a_bigger_writer_yields_more_often_than_a_smaller_one():
         count = 0
         for _ in range(2000):
             pacer._in_flight += 1
-            pacer.release(headers(own + others))  # at the budget with company (48)
+            pacer.release(headers(own + others))  # at the budget (49)
             if pacer.share < own:
                 count += 1
                 pacer._share = float(own)
         return count
 
-    # Per answer, a writer holding 30 of 48 yields more often than one holding 10; per window
+    # Per answer, a writer holding 30 of 49 yields more often than one holding 10; per window
     # (30 answers against 10) the ratio grows with the square of the share.
-    assert yields(30, MAX - 2 - 30) > 2 * yields(10, MAX - 2 - 10) > 0
+    assert yields(30, MAX - 1 - 30) > 2 * yields(10, MAX - 1 - 10) > 0
+
+
+def test_claims_per_window_are_the_same_for_a_small_and_a_big_writer():
+    def claims(own: int, windows: int = 400) -> int:
+        pacer = at_budget(own, 13)
+        count = 0
+        for _ in range(own * windows):  # a writer gets as many answers per window as it holds
+            pacer._in_flight += 1
+            pacer.release(headers(MAX - 2))  # one slot of room, in the part only claims fill
+            if pacer.share > own:
+                count += 1
+                pacer._share = float(own)
+        return count
+
+    # Claims do not grow with the share while yields grow with its square: shares converge to
+    # equal. (Claims in proportion to the share, as before, gave the big writer eight times more.)
+    small, big = claims(5), claims(40)
+    assert small > 100 and 0.7 < big / small < 1.4
 
 
 class Clock:
@@ -296,7 +314,8 @@ def test_a_writer_alone_is_not_made_to_share_by_its_own_overtaking_requests_but_
         clock.now += 0.03
         assert pacer.acquire(timeout=0)
         clock.now += 0.01
-        answered(pacer, first, len(pacer._started) - 1 + 1)
+        ours = sum(1 for t in pacer._history if first - 1.0 < t <= first)  # in its window as HubSpot counts
+        answered(pacer, first, ours + 1)
         pacer._in_flight -= 1  # the second's answer is not needed here
 
     alone = clock.now
@@ -307,6 +326,13 @@ def test_a_writer_alone_is_not_made_to_share_by_its_own_overtaking_requests_but_
     assert pacer.others == 0 and pacer.share == MAX - 1  # taken as its own second request
     # In every reading from then on: a newcomer's request, not overtaking, which comes and goes.
     for _ in range(8):
+        one_more_than_ours_before_it()
+    assert pacer.others == 1 and not pacer._alone
+    # Sharing now, at the budget with the newcomer's request: it gives a slot back.
+    for _ in range(200):
+        if pacer.share < MAX - 1:
+            break
+        clock.now += 0.1  # its window does not fill up meanwhile
         one_more_than_ours_before_it()
     assert pacer.others == 1 and pacer.share < MAX - 1
 
@@ -341,13 +367,47 @@ def test_half_a_slot_of_room_is_claimed_not_left_unused():
     clock = Clock()
     clock.now = time.monotonic()  # and no time passes: none of the others' slots are in transit
     pacer._clock, pacer._local.started_at = clock, None
-    pacer._share = 20.4  # 20.4 + 27 others of a budget of 48: 0.6 of a slot is free
+    pacer._share = 20.4  # 20.4 + 28 others of a budget of 49: 0.6 of a slot is free
     for _ in range(300):
         pacer._in_flight += 1
-        pacer.release(headers(20 + 27))
+        pacer.release(headers(20 + 28))
         if pacer.share > 20.4:
             break
-    assert pacer.others == 27 and pacer.share == 21
+    assert pacer.others == 28 and pacer.share == 21
+
+
+def test_a_slot_that_left_the_window_is_used_again_at_once_and_only_growth_is_spaced():
+    clock = Clock()
+    pacer = RateLimitPacer(MAX, 1.0, clock=clock)
+    pacer._answered, pacer._alone, pacer._share = True, True, 10.0
+    first = clock.now
+    for i in range(10):  # a burst of ten (alone, nothing is spaced), each answered at once
+        clock.now = first + i * 0.001
+        assert pacer.acquire(timeout=0)
+        answered(pacer, clock.now, i + 1)
+    pacer._share, pacer.others = 12.0, 30  # others came, and the share grew to twelve
+    clock.now = first + 1.0095  # the ten slots have left the window
+    # All ten are used again at once: spaced, the burst's slots would wait up to 0.6 s in all
+    # (ten times 0.6 of the even 1/12 s), and others would take them for room meanwhile.
+    assert all(pacer.acquire(timeout=0) for _ in range(10))
+    assert not pacer.acquire(timeout=0)  # the share's two new slots are spaced
+    clock.now += 0.6 / 12
+    assert pacer.acquire(timeout=0)
+
+
+def test_a_slot_left_unused_for_longer_is_room_like_any_other():
+    clock = Clock()
+    pacer = RateLimitPacer(MAX, 1.0, clock=clock)
+    pacer._answered, pacer._alone, pacer._share = True, True, 10.0
+    first = clock.now
+    for i in range(10):
+        clock.now = first + i * 0.001
+        assert pacer.acquire(timeout=0)
+        answered(pacer, clock.now, i + 1)
+    pacer._share, pacer.others = 10.0, 30
+    clock.now = first + 1.5  # the slots left the window half a second ago, and others may use them
+    assert pacer.acquire(timeout=0)
+    assert not pacer.acquire(timeout=0)  # spaced like any start
 
 
 def test_two_writers_share_one_app_and_lose_nothing(hubspot_emulator_factory, hubspot_conn):

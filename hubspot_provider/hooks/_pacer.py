@@ -34,8 +34,7 @@ class RateLimitPacer:
     is; the writer's own requests that HubSpot counted with it (those started within a window
     before it: arrival times differ from start times by the latency, alike for all) are taken off,
     and what is left is the others'. Each writer steers its share so that the shares add up to the
-    ``budget`` (the limit less a 1% reserve, at least one request, and one more while others
-    write), with rules that add up right without knowing how many writers there are:
+    ``budget`` (the limit less a 1% reserve, at least one request), with rules that add up right without knowing how many writers there are:
 
     * **Alone** (the window holds nobody else's requests): the whole budget, once a second
       round trip confirms it (the first doubles the share). One reading is no proof: writers
@@ -48,21 +47,23 @@ class RateLimitPacer:
       take half the room per round trip (one increase per round trip: an older reading does not
       show it) and approach the budget without overshooting it. The last
       4% of the budget goes only by *claims* of one slot, made at a chance per answer of
-      ``4 / used``: four claims per window among all writers, each writer's in proportion to its
-      share. Half a slot of room is room (a claim then takes that half): shares are fractions,
+      ``0.5 / share``: half a claim per window for each writer, whatever its share. Half a slot of room is room (a claim then takes that half): shares are fractions,
       and a band where a writer neither claims nor yields would leave a slot unused for good.
     * **At the budget** (less than half a slot of room), while others write: a writer gives a
       slot back at a chance per answer of
       ``8% × its part of the window``, so each writer's yields grow with the square of its share
-      while its claims grow with the share: shares converge to equal (a fair share), and the slot
-      freed goes to whoever claims it first.
+      while its claims do not grow at all (additive increase, multiplicative decrease): shares
+      converge to equal (a fair share), and the slot freed goes to whoever claims it first.
     * **Over the budget** (or a 429): every writer scales its share by ``budget / used``. A share
       already cut below what it has in the window is not cut again for the same reading. A
       rejected request frees its slot: HubSpot does not count it.
     * Slots of other writers between leaving the window and being used again look like room; the
       expected number of them (the others' requests times latency over the window) is not room.
-    * While others write, starts are spread out over the window (at most 1/0.6 of the share's even
-      rate), so no burst of slots leaves the window at once for every writer to race for (a writer
+    * A slot of its own that just left the window is used again at once (within one even spacing
+      and a round trip of leaving): the writer's count in the window stays level, and no other
+      writer takes the slot for room in the meantime.
+    * Other starts, while others write, are spread out over the window (at most 1/0.6 of the
+      share's even rate), so no burst of slots leaves the window at once for every writer to race for (a writer
       alone sends as fast as its window allows). A share just grown is put to use at once (at 20
       times the even rate) by a writer that holds at least as many of the window's requests as
       all others together: until it is used others cannot see it, and a slow ramp of the biggest
@@ -77,8 +78,9 @@ class RateLimitPacer:
 
     # Part of the room all writers together take per round trip.
     TAKE = 0.5
-    # Slots all writers together claim per window while the last part of the budget has room.
-    CLAIMS_PER_WINDOW = 4.0
+    # Slots each writer claims per window, whatever its share, while the last part of the budget
+    # has room.
+    CLAIMS_PER_WRITER = 0.5
     # The last part of the budget that only claims fill, so a newcomer has an equal chance at it.
     CLAIM_ONLY = 0.04
     # Chance per answer, times the writer's part of the window, that it gives a slot back.
@@ -120,6 +122,7 @@ class RateLimitPacer:
         self._recent_others: deque[int] = deque(maxlen=8)  # others in the last few readings, as read
         self._alone = False  # a reading from a request started after growing showed nobody else
         self._headerless = 0
+        self._freed: deque[float] = deque()  # when slots left the window, until used again
         self.others = 0  # other writers' requests in the window at the last answer
 
     @property
@@ -157,19 +160,28 @@ class RateLimitPacer:
                 while self._history and self._history[0] <= now - 2 * self.interval_s - 1:
                     self._history.popleft()
                 limit_n = self._limit()
-                # Starts are spread evenly over the window: no bursts, so no burst of slots leaving
-                # the window at once that every writer would race to fill.
+                # A slot that just left the window is used again at once: the writer's count in the
+                # window stays as it was, and others, who cannot tell a slot between two uses of it
+                # from room, have no time to take it.
+                even = self.interval_s / limit_n
+                freed = self._freed
+                while freed and freed[0] < now - even - self._latency_max():
+                    freed.popleft()
+                # Other starts (a share just grown) are spread evenly over the window: no bursts, so
+                # no burst of slots leaving the window at once that every writer would race to fill.
                 # A share just grown is put to use at once by a writer holding most of the window:
                 # others see a share only once it is used, and its growth is most of theirs.
                 catch_up = len(self._started) < limit_n - 1 and self.others <= limit_n
                 spacing = self.CATCH_UP if catch_up else self.SPACING
-                spaced = (self._started[-1] + self.interval_s / limit_n * spacing
-                          if self._started and self.others else now)
+                spaced = (self._started[-1] + even * spacing
+                          if self._started and self.others and not freed else now)
                 # Until the first answer tells how full the app's window is (another worker may have
                 # filled it), one request at a time: the reserve absorbs that probe.
                 probing = not self._answered and self._in_flight > 0
                 if len(self._started) < limit_n and now >= spaced and not probing:
                     self._in_flight += 1
+                    if freed:
+                        freed.popleft()
                     self._started.append(now)
                     self._history.append(now)
                     self._local.started_at = now
@@ -183,6 +195,9 @@ class RateLimitPacer:
                 if give_up is not None:
                     wait_s = limit if wait_s is None else min(wait_s, limit)
                 self._cond.wait(wait_s)
+
+    def _latency_max(self) -> float:
+        return max(self._latencies, default=0.0)
 
     def _free_slots(self, now: float) -> float | None:
         """Free the slots of requests that have surely left HubSpot's window; when the next one
@@ -212,6 +227,7 @@ class RateLimitPacer:
             else:  # still in flight
                 at = first + 2 * self.interval_s
             if at <= now:
+                self._freed.append(at)
                 if used < len(holds):
                     holds[used] = -1.0  # spent
                 continue
@@ -300,8 +316,7 @@ class RateLimitPacer:
             others = 0
         self.others = others
         self._alone = self._alone and not others
-        # With company, one slot more is kept free: shares are whole slots and readings are noisy.
-        budget = self.budget - (1 if others else 0)
+        budget = self.budget
         share = float(max(1, ours)) if self._share is None else self._share
         # Other writers' slots between leaving the window and being used again look like room.
         latency = sum(self._latencies) / len(self._latencies) if self._latencies else 0.0
@@ -323,7 +338,7 @@ class RateLimitPacer:
                 if others:
                     bulk = max(0.0, free - max(1, round(budget * self.CLAIM_ONLY)))
                     share += self.TAKE * bulk * share / (share + others)
-                    if self._rng.random() < self.CLAIMS_PER_WINDOW / (share + others):
+                    if self._rng.random() < self.CLAIMS_PER_WRITER / max(1.0, share):
                         share += 1
                 elif self._alone:
                     share += free
