@@ -200,7 +200,14 @@ def main() -> None:
     parser.add_argument("--stall-ms", type=float, default=60.0)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--stagger-s", type=float, default=0.0)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="try another value of one of the pacer's constants, e.g. --set YIELD=0.1")
     args = parser.parse_args()
+    for setting in args.set:
+        name, _, value = setting.partition("=")
+        if not name.isupper() or not hasattr(RateLimitPacer, name):
+            parser.error(f"--set {setting}: {name!r} is not one of the pacer's constants")
+        setattr(RateLimitPacer, name, type(getattr(RateLimitPacer, name))(value))
     rows = []
     for n in (int(n) for n in args.writers.split(",")):
         runs = [Simulation(n, windows=args.windows, rate_max=args.rate_max, interval_ms=args.interval_ms,
