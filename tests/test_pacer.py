@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
+from bisect import bisect_left
 
 import pytest
 
@@ -430,3 +432,40 @@ def test_two_writers_share_one_app_and_lose_nothing(hubspot_emulator_factory, hu
     for hook in hooks:
         assert hook.pacer.share is not None and 1 <= hook.pacer.share <= hook.pacer.budget
     assert len([r for r in emulator.requests if r.kind == "ok"]) >= 120
+
+
+def test_the_requests_to_keep_in_flight_follow_the_share_and_the_round_trip():
+    pacer = RateLimitPacer(100, 10.0)
+    assert pacer.concurrency(4, 16) == 4  # no round trip known yet
+    pacer._share = 99.0
+    pacer._latencies.extend([0.4] * 10)
+    # 9.9 requests/s × 0.4 s = 3.96 in flight, a quarter more and one: 6.
+    assert pacer.concurrency(4, 16) == 6
+    pacer._share = 190.0 - 2
+    assert pacer.concurrency(4, 16) == math.ceil(18.8 * 0.4 * 1.25) + 1 == 11
+    pacer._latencies.extend([5.0] * 60)
+    assert pacer.concurrency(4, 16) == 16  # at most the threads there are
+    pacer._latencies.clear()
+    pacer._latencies.extend([0.008] * 10)
+    assert pacer.concurrency(4, 16) == 4  # on loopback a few are plenty: the least is kept
+
+
+def peak_in_flight(emulator, latency_s: float) -> int:
+    """The most write requests HubSpot (the emulator, which holds each for ``latency_s``) had at once."""
+    arrivals = sorted(r.at for r in emulator.requests if r.path.endswith("/statuses/batch/write"))
+    return max(bisect_left(arrivals, at + latency_s * 0.95) - i for i, at in enumerate(arrivals))
+
+
+@pytest.mark.parametrize("max_concurrency", [None, 3])
+def test_the_hook_sends_as_many_requests_at_once_as_the_window_and_the_latency_call_for(
+        hubspot_emulator_factory, hubspot_conn, max_concurrency):
+    # 100 requests a second at 0.2 s each need 20 in flight: more than the first 4, up to the 16 threads.
+    emulator = hubspot_emulator_factory(rate_limit_max=100, rate_limit_interval_ms=1000, latency_s=0.2)
+    hook = HubSpotHook(hubspot_conn(emulator), max_concurrency=max_concurrency)
+    report = hook.write_statuses(rows(120), batch_size=1)
+    assert report.succeeded == 120 and report.rate_limited == 0
+    peak = peak_in_flight(emulator, 0.2)
+    if max_concurrency is None:
+        assert hook.concurrency() == 16 and 4 < peak <= 16
+    else:
+        assert hook.concurrency() == 3 and peak <= 3

@@ -114,11 +114,14 @@ class BatchWriter:
         max_concurrency: int,
         redact: Redactor,
         log: Any,
+        concurrency: Callable[[], int] | None = None,
     ) -> None:
         self.transport = transport
         self.path = path
         self.validate = validate
-        self.max_concurrency = max_concurrency
+        self.max_concurrency = max_concurrency  # threads
+        # Batches in flight now (at most the threads): it may grow once the limit and latency are known.
+        self.concurrency = concurrency or (lambda: max_concurrency)
         self.redact = redact
         self.log = log
 
@@ -177,7 +180,7 @@ class BatchWriter:
             blockers = {key_owner[item.key] for item in items if item.key in key_owner}
             if blockers:
                 collect(wait(blockers).done)
-            while len(in_flight) >= self.max_concurrency:
+            while len(in_flight) >= min(self.max_concurrency, self.concurrency()):
                 collect(wait(list(in_flight), return_when=FIRST_COMPLETED).done)
             if interruption is not None:
                 return

@@ -144,6 +144,17 @@ class RateLimitPacer:
             return self.budget
         return max(1, math.floor(self._share + self._dither))
 
+    def concurrency(self, low: int, high: int) -> int:
+        """Requests to keep in flight to fill this writer's share of the window: the requests per
+        second the share allows times the mean round trip (Little's law), a quarter more and one
+        more for the round trips' spread; ``low`` until a round trip is known, ``high`` at most."""
+        with self._cond:
+            if not self._latencies:
+                return low
+            latency = sum(self._latencies) / len(self._latencies)
+            wanted = math.ceil(self._limit() / self.interval_s * latency * 1.25) + 1
+            return max(low, min(high, wanted))
+
     def acquire(self, timeout: float | None = None) -> bool:
         """Wait for room in the window and take a slot; ``False`` when ``timeout`` seconds pass first."""
         give_up = None if timeout is None else self._clock() + timeout

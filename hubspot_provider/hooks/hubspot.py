@@ -78,7 +78,8 @@ DEFAULT_DEADLINE_S = 60.0
 DEFAULT_MAX_RETRIES = 8
 DEFAULT_RETRY_BUDGET_S = 300.0
 DEFAULT_MAX_WAIT_S = 120.0
-DEFAULT_MAX_CONCURRENCY = 4
+DEFAULT_MAX_CONCURRENCY = 4  # batches in flight, until HubSpot's limit and the latency are known
+MAX_ADAPTIVE_CONCURRENCY = 16  # the most they can raise it to
 OAUTH_TOKEN_PATH = "/oauth/v1/token"
 READ_SCOPE = "communication_preferences.statuses.batch.read"
 DEFINITIONS_SCOPE = "communication_preferences.read or communication_preferences.read_write"
@@ -174,7 +175,9 @@ class HubSpotHook(BaseHook):
     :param max_wait_s: longest wait HubSpot may ask for (``Retry-After``) that the hook sleeps
         through; a longer one raises :class:`HubSpotRateLimitError` so an operator can defer.
     :param max_concurrency: batches in flight at once (requests to HubSpot run in parallel threads;
-        pacing keeps the total under the rate limit).
+        pacing keeps the total under the rate limit). ``None`` (the default) sizes it from what
+        the window needs: the requests per second the writer's share of HubSpot's limit allows,
+        times the round trip it measures, plus a margin; 4 until both are known, 16 at most.
     :param require_legal_basis: reject inputs lacking ``legalBasis`` and ``legalBasisExplanation``
         (for GDPR-enabled portals) before sending them.
     """
@@ -205,7 +208,10 @@ class HubSpotHook(BaseHook):
                       "deadline": deadline, "max_retries": max_retries}
         self.retry_budget_s = DEFAULT_RETRY_BUDGET_S if retry_budget_s is None else retry_budget_s
         self.max_wait_s = DEFAULT_MAX_WAIT_S if max_wait_s is None else max_wait_s
-        self.max_concurrency = max(1, max_concurrency or DEFAULT_MAX_CONCURRENCY)
+        # An explicit number is kept; otherwise up to MAX_ADAPTIVE_CONCURRENCY threads, of which the
+        # pacer's reading of the limit and the latency says how many to use.
+        self._fixed_concurrency = max(1, max_concurrency) if max_concurrency else None
+        self.max_concurrency = self._fixed_concurrency or MAX_ADAPTIVE_CONCURRENCY
         self.require_legal_basis = require_legal_basis
         self.redact = Redactor()
         self.pacer = RateLimitPacer()
@@ -305,6 +311,13 @@ class HubSpotHook(BaseHook):
                 "(plain http is allowed only to loopback, e.g. an emulator)"
             )
         return base
+
+    def concurrency(self) -> int:
+        """Batches to keep in flight now: ``max_concurrency`` when given, else what the pacer's
+        reading of the limit and the round trip calls for (see :meth:`RateLimitPacer.concurrency`)."""
+        if self._fixed_concurrency is not None:
+            return self._fixed_concurrency
+        return self.pacer.concurrency(DEFAULT_MAX_CONCURRENCY, MAX_ADAPTIVE_CONCURRENCY)
 
     @property
     def base_url(self) -> str:
@@ -538,7 +551,7 @@ class HubSpotHook(BaseHook):
 
         if len(chunks) == 1:
             return [read(chunks[0])]
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(chunks)),
+        with ThreadPoolExecutor(max_workers=min(self.concurrency(), len(chunks)),
                                 thread_name_prefix="hubspot-read") as pool:
             return list(pool.map(read, chunks))
 
@@ -803,7 +816,7 @@ class HubSpotHook(BaseHook):
         writer = BatchWriter(
             transport=self._transport, path=f"{self.api_base_path}/statuses/batch/write",
             validate=self._already_validated if validated else self.validate,
-            max_concurrency=self.max_concurrency, redact=self.redact, log=self.log,
+            max_concurrency=self.max_concurrency, concurrency=self.concurrency, redact=self.redact, log=self.log,
         )
         return writer.write(inputs, batch_size=size, on_failed=on_failed, keep_failed=keep_failed,
                             on_outcome=on_outcome)
@@ -845,7 +858,8 @@ class HubSpotHook(BaseHook):
             raise HubSpotConfigError(f"batch_size must be between 1 and 1000, got {size}")
         writer = UnsubscribeAllWriter(
             transport=self._transport, path=f"{self.api_base_path}/statuses/batch/unsubscribe-all",
-            validate=self._unsubscribe_all_input, max_concurrency=self.max_concurrency, redact=self.redact,
+            validate=self._unsubscribe_all_input, max_concurrency=self.max_concurrency,
+            concurrency=self.concurrency, redact=self.redact,
             log=self.log,
         )
         return writer.write(inputs, batch_size=size, on_failed=on_failed, keep_failed=keep_failed,

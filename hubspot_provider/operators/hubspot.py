@@ -254,7 +254,8 @@ class HubSpotWriteStatusesOperator(BaseOperator):
         example DAGs do, so invalid rows and HubSpot's rejections count alike).
     :param require_legal_basis: reject inputs lacking ``legalBasis``/``legalBasisExplanation``
         before sending (GDPR-enabled portals).
-    :param max_concurrency: batches in flight at once (the hook's default when ``None``).
+    :param max_concurrency: batches in flight at once; ``None`` lets the hook size it from HubSpot's
+        limit and the round trip it measures (4 to 16).
     :param only_retryable: skip lines whose ``retryable`` is ``false``, i.e. dead letters that
         would fail again; use when replaying dead letters.
     :param deferrable: defer (free the worker slot) while a rate limit resets.
