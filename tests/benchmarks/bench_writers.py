@@ -1,6 +1,6 @@
 """Several writer processes sharing one app's rate limit. Run with ``./bin/bench writers``.
 
-Starts one emulator process and N writer processes (each its own ``HubSpotHook``, as tasks on
+Starts the emulator (in this process, which otherwise only waits) and N writer processes (each its own ``HubSpotHook``, as tasks on
 different workers would be). Once every process has imported Airflow and read its connection, they
 start together (or ``--stagger-s`` apart, to watch newcomers join a full window) and each writes an
 equal part of the records. Prints, for each N, the records per second of all writers together
@@ -28,7 +28,9 @@ os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "ERROR")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_hook import Emulator, records  # noqa: E402
+from bench_hook import records  # noqa: E402
+
+from hubspot_provider.testing.emulator import HubSpotEmulator  # noqa: E402
 
 
 def writer(conn_env: str, offset: int, n: int, batch_size: int, delay_s: float, ready: multiprocessing.Queue,
@@ -66,10 +68,10 @@ class Go:
 def run(writers: int, windows: int, rate_max: int, interval_ms: int, batch_size: int, stagger_s: float = 0.0) -> dict:
     ceiling = batch_size * rate_max / (interval_ms / 1000)
     total = int(ceiling * windows * interval_ms / 1000)
-    emulator = Emulator(rate_limit_max=rate_max, rate_limit_interval_ms=interval_ms)
+    # In this process, which only waits for the writers: its request log says when each 429 came.
+    emulator = HubSpotEmulator(rate_limit_max=rate_max, rate_limit_interval_ms=interval_ms).start()
     try:
-        emulator.connection("hubspot_bench")
-        conn_env = os.environ["AIRFLOW_CONN_HUBSPOT_BENCH"]
+        conn_env = emulator.airflow_connection()
         context = multiprocessing.get_context("spawn")
         out: multiprocessing.Queue = context.Queue()
         ready: multiprocessing.Queue = context.Queue()
@@ -88,8 +90,15 @@ def run(writers: int, windows: int, rate_max: int, interval_ms: int, batch_size:
         results = [out.get(timeout=600) for _ in processes]
         for process in processes:
             process.join()
+        log = emulator.requests
     finally:
-        emulator.close()
+        emulator.stop()
+    first_at = min(r.at for r in log)
+    answered_429_by_window: dict[int, int] = {}
+    for r in log:
+        if r.kind == "rate_limited":
+            window = int((r.at - first_at) // (interval_ms / 1000))
+            answered_429_by_window[window] = answered_429_by_window.get(window, 0) + 1
     first = min(r["began"] for r in results)
     wall = max(r["ended"] for r in results) - first
     succeeded = sum(r["succeeded"] for r in results)
@@ -100,6 +109,7 @@ def run(writers: int, windows: int, rate_max: int, interval_ms: int, batch_size:
         "wall_s": round(wall, 2), "records_per_s": round(succeeded / wall),
         "of_ceiling_pct": round(100 * succeeded / wall / ceiling, 1), "requests": requests,
         "answered_429": answered_429, "pct_429": round(100 * answered_429 / max(1, requests), 2),
+        "answered_429_by_window": dict(sorted(answered_429_by_window.items())),
         "writers_began_s": sorted(round(r["began"] - first, 2) for r in results),
         "writers_ended_s": sorted(round(r["ended"] - first, 1) for r in results),
     }
