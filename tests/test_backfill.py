@@ -81,7 +81,8 @@ class Airflow:
         def remove() -> bool:
             with self.engine.begin() as conn:
                 ids = [row[0] for row in conn.execute(text(
-                    "SELECT id FROM backfill WHERE completed_at IS NULL"))]
+                    "SELECT id FROM backfill WHERE dag_id = :dag AND completed_at IS NULL"),
+                    {"dag": "hubspot_consent_sync"})]
                 for table, column in (("backfill_dag_run", "backfill_id"), ("dag_run", "backfill_id"),
                                       ("backfill", "id")):
                     for backfill_id in ids:

@@ -397,6 +397,47 @@ def test_a_slot_that_left_the_window_is_used_again_at_once_and_only_growth_is_sp
     assert pacer.acquire(timeout=0)
 
 
+def test_one_stalled_answer_does_not_let_a_whole_share_go_out_at_once():
+    clock = Clock()
+    pacer = RateLimitPacer(100, 10.0, clock=clock)
+    pacer._answered, pacer._alone, pacer._share = True, True, 40.0
+    first = clock.now
+    for i in range(40):  # a share of forty, spread over the window
+        clock.now = first + i * 0.25
+        assert pacer.acquire(timeout=0)
+        answered(pacer, clock.now, i + 1)
+    pacer._latencies.append(30.0)  # one answer took 30 s (a stall)
+    pacer._share, pacer.others = 40.0, 50
+    clock.now = first + 20.0  # every slot left the window, between 10 s and 0.25 s ago
+    started = 0
+    while pacer.acquire(timeout=0):
+        started += 1
+    # Only slots that left within the last twentieth of the window (0.5 s) are used again at once,
+    # not all forty: the stall does not stretch how long a freed slot counts as just freed.
+    assert 1 <= started <= 3
+
+
+def test_an_answer_that_grows_nothing_does_not_hold_off_the_next_one():
+    class Chance(random.Random):
+        # No claim on the first answer (nor a new dither), a claim on the second.
+        values = [0.99, 0.9, 0.0]
+
+        def random(self) -> float:
+            return self.values.pop(0) if self.values else 0.5
+
+    pacer = at_budget(20, 1)
+    pacer._rng = Chance()
+    one, two = pacer._history[-2], pacer._history[-1]  # two requests in flight together
+    pacer._latencies.extend([0.001] * 3)
+    for started in (one, two):
+        pacer._local.started_at = started
+        pacer._in_flight += 1
+        pacer.release(headers(MAX - 3))  # a slot or two of room: only a claim takes it
+    # The second answer's request started before the first answer came back; the first answer
+    # grew nothing, so the second may claim (an answer that did grow would hold it off).
+    assert pacer.share == 21
+
+
 def test_a_slot_left_unused_for_longer_is_room_like_any_other():
     clock = Clock()
     pacer = RateLimitPacer(MAX, 1.0, clock=clock)
@@ -466,6 +507,6 @@ def test_the_hook_sends_as_many_requests_at_once_as_the_window_and_the_latency_c
     assert report.succeeded == 120 and report.rate_limited == 0
     peak = peak_in_flight(emulator, 0.2)
     if max_concurrency is None:
-        assert hook.concurrency() == 16 and 4 < peak <= 16
+        assert hook.concurrency() >= 12 and 4 < peak <= 16
     else:
         assert hook.concurrency() == 3 and peak <= 3

@@ -60,7 +60,7 @@ class RateLimitPacer:
     * Slots of other writers between leaving the window and being used again look like room; the
       expected number of them (the others' requests times latency over the window) is not room.
     * A slot of its own that just left the window is used again at once (within one even spacing
-      and a round trip of leaving): the writer's count in the window stays level, and no other
+      and the slowest recent round trip of leaving, a twentieth of the window at most): the writer's count in the window stays level, and no other
       writer takes the slot for room in the meantime.
     * Other starts, while others write, are spread out over the window (at most 1/0.6 of the
       share's even rate), so no burst of slots leaves the window at once for every writer to race for (a writer
@@ -176,7 +176,7 @@ class RateLimitPacer:
                 # from room, have no time to take it.
                 even = self.interval_s / limit_n
                 freed = self._freed
-                while freed and freed[0] < now - even - self._latency_max():
+                while freed and freed[0] < now - even - self._reuse_grace():
                     freed.popleft()
                 # Other starts (a share just grown) are spread evenly over the window: no bursts, so
                 # no burst of slots leaving the window at once that every writer would race to fill.
@@ -202,13 +202,16 @@ class RateLimitPacer:
                 # Woken early when the share grows, an answer comes, or the oldest slot frees.
                 wait_s = None if frees_at is None else max(0.0, frees_at - now)
                 if self._started and self.others and len(self._started) < limit_n:
-                    wait_s = max(0.0, spaced - now)
+                    wait_s = max(0.0, (spaced if frees_at is None else min(spaced, frees_at)) - now)
                 if give_up is not None:
                     wait_s = limit if wait_s is None else min(wait_s, limit)
                 self._cond.wait(wait_s)
 
-    def _latency_max(self) -> float:
-        return max(self._latencies, default=0.0)
+    def _reuse_grace(self) -> float:
+        """How long after leaving the window a slot still counts as one to use again at once: the
+        slowest recent round trip (a thread may be busy that long), a twentieth of the window at
+        most, so one stalled answer does not let a whole share's slots pile up and go out at once."""
+        return min(max(self._latencies, default=0.0), self.interval_s / 20)
 
     def _free_slots(self, now: float) -> float | None:
         """Free the slots of requests that have surely left HubSpot's window; when the next one
@@ -227,6 +230,7 @@ class RateLimitPacer:
         if started[0] > now - self.interval_s:  # nothing can have left yet
             return started[0] + self.interval_s
         kept: deque[float] = deque()
+        freed: list[float] = []
         taken: dict[float, int] = {}  # holds used so far, per start (two requests may share one)
         frees_at = None
         for first in started:
@@ -238,7 +242,7 @@ class RateLimitPacer:
             else:  # still in flight
                 at = first + 2 * self.interval_s
             if at <= now:
-                self._freed.append(at)
+                freed.append(at)
                 if used < len(holds):
                     holds[used] = -1.0  # spent
                 continue
@@ -251,6 +255,7 @@ class RateLimitPacer:
             else:
                 hold.pop(first, None)
         self._started = kept
+        self._freed.extend(sorted(freed))  # in time order, so that the oldest are dropped first
         return frees_at
 
     def release(self, headers: Mapping[str, str] | None, *, rate_limited: bool = False) -> None:
@@ -339,13 +344,13 @@ class RateLimitPacer:
         else:
             free = budget - others - phantom - share
             # One increase per round trip: an answer to a request sent before the last increase
-            # does not show it yet.
+            # does not show it yet (an answer that grew nothing holds off none).
             # Only a share in use is grown: others cannot see a share not yet used, so growing
             # it again would build on room they are about to take.
             realized = ours >= math.floor(share)
             if (free >= 0.5 or (free > 0 and not others)) and realized and (
                     started is None or started >= self._grown_at):
-                self._grown_at = now
+                grown_from = share
                 if others:
                     bulk = max(0.0, free - max(1, round(budget * self.CLAIM_ONLY)))
                     share += self.TAKE * bulk * share / (share + others)
@@ -359,6 +364,8 @@ class RateLimitPacer:
                     share += min(free, share)
                     self._alone = True
                 share = min(share, budget - others - phantom)
+                if share > grown_from:  # an answer that grew nothing holds off no later one
+                    self._grown_at = now
             elif others and free < 0.5 and self._rng.random() < self.YIELD * share / (share + others):
                 share -= 1
         # Never above the budget: a limit that went down (or a share learned from an odd reading).
