@@ -530,3 +530,19 @@ def test_the_simulator_of_writers_still_drives_the_pacer():
     assert sum(w.done for w in run.writers) == run.total == 4 * (150 // 4)
     assert sum(w.requests for w in run.writers) == run.total + sum(w.rejected for w in run.writers)
     assert 0 < result["of_ceiling_pct"] <= 100
+
+
+@pytest.mark.parametrize(("full_seen", "spaced_s"), [(False, 0.6 / 2), (True, 0.6 / 8)])
+def test_a_squeezed_writer_regrows_at_a_fair_pace_once_the_window_has_been_full(full_seen, spaced_s):
+    clock = Clock()
+    pacer = RateLimitPacer(MAX, 1.0, clock=clock)
+    pacer._answered, pacer.others, pacer._full_seen = True, 40, full_seen
+    pacer._share = 2.0  # squeezed to two slots; the others are leaving
+    assert pacer.acquire(timeout=0)
+    clock.now += spaced_s * 0.9
+    assert not pacer.acquire(timeout=0)
+    clock.now += spaced_s * 0.2
+    # In the ramp, spaced as a share of two (0.3 s); after it, as one of eight (75 ms): the others'
+    # shares are in the window by then, so room is room, and a share of two would take a window
+    # per slot to grow back.
+    assert pacer.acquire(timeout=0)

@@ -63,7 +63,8 @@ class RateLimitPacer:
       and the slowest recent round trip of leaving, a twentieth of the window at most): the writer's count in the window stays level, and no other
       writer takes the slot for room in the meantime.
     * Other starts, while others write, are spread out over the window (at most 1/0.6 of the
-      share's even rate), so no burst of slots leaves the window at once for every writer to race for (a writer
+      share's even rate; once the window has been full, of a share of at least 8 slots, so that a
+      writer squeezed to a slot or two regrows as fast as a fair one when others finish), so no burst of slots leaves the window at once for every writer to race for (a writer
       alone sends as fast as its window allows). A share just grown is put to use at once (at 20
       times the even rate) by a writer that holds at least as many of the window's requests as
       all others together: until it is used others cannot see it, and a slow ramp of the biggest
@@ -87,6 +88,9 @@ class RateLimitPacer:
     YIELD = 0.08
     # Starts are at least this part of the share's even spacing apart.
     SPACING = 0.6
+    # ... of the spacing of a share of at least this many slots, once the window has been full: a
+    # writer squeezed to a small share regrows at the pace of a fair one when others leave.
+    SPACING_SLOTS = 8
     # ... and this part, while a share just grown is not yet in use by a writer that holds at least
     # as many of the window's requests as all others together.
     CATCH_UP = 0.05
@@ -122,7 +126,8 @@ class RateLimitPacer:
         self._recent_others: deque[int] = deque(maxlen=8)  # others in the last few readings, as read
         self._alone = False  # a reading from a request started after growing showed nobody else
         self._headerless = 0
-        self._freed: deque[float] = deque()  # when slots left the window, until used again
+        self._freed: deque[float] = deque()
+        self._full_seen = False  # a reading has shown the window (nearly) full: the ramp is over  # when slots left the window, until used again
         self.others = 0  # other writers' requests in the window at the last answer
 
     @property
@@ -184,7 +189,11 @@ class RateLimitPacer:
                 # others see a share only once it is used, and its growth is most of theirs.
                 catch_up = len(self._started) < limit_n - 1 and self.others <= limit_n
                 spacing = self.CATCH_UP if catch_up else self.SPACING
-                spaced = (self._started[-1] + even * spacing
+                # Once the window has been full (after the ramp, where new shares are not yet seen),
+                # a small share is spaced as one of SPACING_SLOTS: a writer squeezed to one or two
+                # slots would otherwise take a window per slot to grow back when others finish.
+                pace = self.interval_s / max(limit_n, self.SPACING_SLOTS) if self._full_seen else even
+                spaced = (self._started[-1] + pace * spacing
                           if self._started and self.others and not freed else now)
                 # Until the first answer tells how full the app's window is (another worker may have
                 # filled it), one request at a time: the reserve absorbs that probe.
@@ -333,6 +342,7 @@ class RateLimitPacer:
         self.others = others
         self._alone = self._alone and not others
         budget = self.budget
+        self._full_seen = self._full_seen or used >= budget - 1
         share = float(max(1, ours)) if self._share is None else self._share
         # Other writers' slots between leaving the window and being used again look like room.
         latency = sum(self._latencies) / len(self._latencies) if self._latencies else 0.0
