@@ -34,7 +34,8 @@ class RateLimitPacer:
     is; the writer's own requests that HubSpot counted with it (those started within a window
     before it: arrival times differ from start times by the latency, alike for all) are taken off,
     and what is left is the others'. Each writer steers its share so that the shares add up to the
-    ``budget`` (the limit less a 1% reserve, at least one request), with rules that add up right without knowing how many writers there are:
+    ``budget`` (the limit less a 1% reserve, at least one request), with rules that add up right
+    without knowing how many writers there are:
 
     * **Alone** (the window holds nobody else's requests): the whole budget, once a second
       round trip confirms it (the first doubles the share). One reading is no proof: writers
@@ -47,8 +48,9 @@ class RateLimitPacer:
       take half the room per round trip (one increase per round trip: an older reading does not
       show it) and approach the budget without overshooting it. The last
       4% of the budget goes only by *claims* of one slot, made at a chance per answer of
-      ``0.5 / share``: half a claim per window for each writer, whatever its share. Half a slot of room is room (a claim then takes that half): shares are fractions,
-      and a band where a writer neither claims nor yields would leave a slot unused for good.
+      ``0.5 / share``: half a claim per window for each writer, whatever its share. Half a slot
+      of room is room (a claim then takes that half): shares are fractions, and a band where a
+      writer neither claims nor yields would leave a slot unused for good.
     * **At the budget** (less than half a slot of room), while others write: a writer gives a
       slot back at a chance per answer of
       ``8% × its part of the window``, so each writer's yields grow with the square of its share
@@ -60,16 +62,18 @@ class RateLimitPacer:
     * Slots of other writers between leaving the window and being used again look like room; the
       expected number of them (the others' requests times latency over the window) is not room.
     * A slot of its own that just left the window is used again at once (within one even spacing
-      and the slowest recent round trip of leaving, a twentieth of the window at most): the writer's count in the window stays level, and no other
-      writer takes the slot for room in the meantime.
+      and the slowest recent round trip of leaving, a twentieth of the window at most): the
+      writer's count in the window stays level, and no other writer takes the slot for room in
+      the meantime.
     * Other starts, while others write, are spread out over the window (at most 1/0.6 of the
       share's even rate; once the window has been full, of a share of at least 8 slots, so that a
-      writer squeezed to a slot or two regrows as fast as a fair one when others finish), so no burst of slots leaves the window at once for every writer to race for (a writer
-      alone sends as fast as its window allows). A share just grown is put to use at once (at 20
-      times the even rate) by a writer that holds at least as many of the window's requests as
-      all others together: until it is used others cannot see it, and a slow ramp of the biggest
-      writer is most of the window left unused. A share's fraction is
-      dithered so that small shares add up to the budget on average.
+      writer squeezed to a slot or two regrows as fast as a fair one when others finish), so no
+      burst of slots leaves the window at once for every writer to race for (a writer alone sends
+      as fast as its window allows). A share just grown is put to use at once (at 20 times the
+      even rate) by a writer that holds at least as many of the window's requests as all others
+      together: until it is used others cannot see it, and a slow ramp of the biggest writer is
+      most of the window left unused. A share's fraction is dithered so that small shares add up
+      to the budget on average.
 
     Until the first answer a writer sends one request: a new writer (a shard's task starting while
     another worker fills the window) would otherwise send a burst into a full window. After a few
@@ -126,8 +130,8 @@ class RateLimitPacer:
         self._recent_others: deque[int] = deque(maxlen=8)  # others in the last few readings, as read
         self._alone = False  # a reading from a request started after growing showed nobody else
         self._headerless = 0
-        self._freed: deque[float] = deque()
-        self._full_seen = False  # a reading has shown the window (nearly) full: the ramp is over  # when slots left the window, until used again
+        self._freed: deque[float] = deque()  # when slots left the window, until used again
+        self._full_seen = False  # a reading has shown the window (nearly) full: the ramp is over
         self.others = 0  # other writers' requests in the window at the last answer
 
     @property
@@ -156,8 +160,7 @@ class RateLimitPacer:
         with self._cond:
             if not self._latencies:
                 return low
-            latency = sum(self._latencies) / len(self._latencies)
-            wanted = math.ceil(self._limit() / self.interval_s * latency * 1.25) + 1
+            wanted = math.ceil(self._limit() / self.interval_s * self._latency_mean() * 1.25) + 1
             return max(low, min(high, wanted))
 
     def acquire(self, timeout: float | None = None) -> bool:
@@ -215,6 +218,9 @@ class RateLimitPacer:
                 if give_up is not None:
                     wait_s = limit if wait_s is None else min(wait_s, limit)
                 self._cond.wait(wait_s)
+
+    def _latency_mean(self) -> float:
+        return sum(self._latencies) / len(self._latencies) if self._latencies else 0.0
 
     def _reuse_grace(self) -> float:
         """How long after leaving the window a slot still counts as one to use again at once: the
@@ -345,8 +351,7 @@ class RateLimitPacer:
         self._full_seen = self._full_seen or used >= budget - 1
         share = float(max(1, ours)) if self._share is None else self._share
         # Other writers' slots between leaving the window and being used again look like room.
-        latency = sum(self._latencies) / len(self._latencies) if self._latencies else 0.0
-        phantom = others * (latency / 2 + self._margin) / self.interval_s
+        phantom = others * (self._latency_mean() / 2 + self._margin) / self.interval_s
         if rate_limited or used > budget:
             # Everyone scales by the same factor; a share already cut below what is in the window
             # (its requests have not left yet) is not cut again for the same reading.
