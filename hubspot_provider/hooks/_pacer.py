@@ -44,36 +44,47 @@ class RateLimitPacer:
       another writer's, and a share cut by a reading at the limit grows back to the budget.
     * **Only a share in use grows.** Others cannot see a share until its requests arrive, so a
       writer whose window holds fewer requests than its share does not grow it again.
+    * **The first two growths with others writing are at most a doubling.** Writers that start
+      together see each other only as their requests arrive: the first to read the window see few
+      of the others, and taking their part of the room by that reading would take the room of
+      those not yet seen (eight writers took 125% of the budget this way, and the first to read
+      kept twice the share of the last).
     * **Room left**: a writer takes half the room times its part of the window, so all together
       take half the room per round trip (one increase per round trip: an older reading does not
       show it) and approach the budget without overshooting it. The last
       4% of the budget goes only by *claims* of one slot, made at a chance per answer of
-      ``0.5 / share``: half a claim per window for each writer, whatever its share. Half a slot
-      of room is room (a claim then takes that half): shares are fractions, and a band where a
-      writer neither claims nor yields would leave a slot unused for good.
-    * **At the budget** (less than half a slot of room), while others write: a writer gives a
+      ``0.5 / share``: half a claim per window for each writer, whatever its share. A claim needs
+      a whole slot of room in this reading and the writer's previous one: another writer's slot
+      between leaving the window and its reuse shows as room in one reading.
+    * **Over the budget** by the reading (no room at all), while others write: a writer gives a
       slot back at a chance per answer of
       ``8% × its part of the window``, so each writer's yields grow with the square of its share
       while its claims do not grow at all (additive increase, multiplicative decrease): shares
       converge to equal (a fair share), and the slot freed goes to whoever claims it first.
+      Between no room and a slot of room a writer holds its share.
+    * With company, a share's limit is its nearest whole number (alone, its fraction is
+      dithered): a dithered limit flips between two values from one answer to the next, and the
+      flips of eight writers add up to more than the reserve.
     * **Over the budget** (or a 429): every writer scales its share by ``budget / used``. A share
       already cut below what it has in the window is not cut again for the same reading. A
       rejected request frees its slot: HubSpot does not count it.
     * Slots of other writers between leaving the window and being used again look like room; the
-      expected number of them (the others' requests times latency over the window) is not room.
+      expected number of them (the others' requests times one and a half mean round trips less
+      the fastest, over the window) is not room.
     * A slot of its own that just left the window is used again at once (within one even spacing
       and the slowest recent round trip of leaving, a twentieth of the window at most): the
       writer's count in the window stays level, and no other writer takes the slot for room in
       the meantime.
-    * Other starts, while others write, are spread out over the window (at most 1/0.6 of the
-      share's even rate; once the window has been full, of a share of at least 8 slots, so that a
-      writer squeezed to a slot or two regrows as fast as a fair one when others finish), so no
-      burst of slots leaves the window at once for every writer to race for (a writer alone sends
-      as fast as its window allows). A share just grown is put to use at once (at 20 times the
-      even rate) by a writer that holds at least as many of the window's requests as all others
-      together: until it is used others cannot see it, and a slow ramp of the biggest writer is
-      most of the window left unused. A share's fraction is dithered so that small shares add up
-      to the budget on average.
+    * Other starts, while others write, are spread out over the window (at most 1/0.6 of the even
+      rate of the share, or of a share of 8 slots if it is smaller, so that a writer squeezed to a
+      slot or two regrows as fast as a fair one when others finish), so no burst of slots leaves
+      the window at once for every writer to race for (a writer alone sends as fast as its window
+      allows). Until the window has been seen full (the ramp) every writer puts its growth to use
+      at the same pace, 1/0.3 of that rate, so that none runs ahead, and its first requests (a
+      share of one or two) go out at once. After the ramp, a share just grown is put to use at
+      once (at 20 times the even rate) by a writer that holds at least as many of the window's
+      requests as all others together: until it is used others cannot see it, and a slow regrowth
+      of the biggest writer is most of the window left unused.
 
     Until the first answer a writer sends one request: a new writer (a shard's task starting while
     another worker fills the window) would otherwise send a burst into a full window. After a few
@@ -83,8 +94,11 @@ class RateLimitPacer:
 
     # Part of the room all writers together take per round trip.
     TAKE = 0.5
+    # Room (in slots) that counts as room with others writing: this much in two readings in a row,
+    # and a writer claims a slot.
+    ROOM = 1.0
     # Slots each writer claims per window, whatever its share, while the last part of the budget
-    # has room.
+    # has room (seen in two readings in a row).
     CLAIMS_PER_WRITER = 0.5
     # The last part of the budget that only claims fill, so a newcomer has an equal chance at it.
     CLAIM_ONLY = 0.04
@@ -92,12 +106,17 @@ class RateLimitPacer:
     YIELD = 0.08
     # Starts are at least this part of the share's even spacing apart.
     SPACING = 0.6
-    # ... of the spacing of a share of at least this many slots, once the window has been full: a
-    # writer squeezed to a small share regrows at the pace of a fair one when others leave.
+    # ... of the spacing of a share of at least this many slots: a small share (a writer squeezed
+    # to a slot or two, or one still ramping up) grows at the pace of a fair one.
     SPACING_SLOTS = 8
-    # ... and this part, while a share just grown is not yet in use by a writer that holds at least
-    # as many of the window's requests as all others together.
+    # ... and this part, for every writer alike, until the window has been seen full (the ramp).
+    RAMP_SPACING = 0.3
+    # ... and this part, once it has, while a share just grown is not yet in use by a writer that
+    # holds at least as many of the window's requests as all others together.
     CATCH_UP = 0.05
+    # Growths of a share, with others writing, that are at most a doubling: one reading is no
+    # proof of how many writers there are.
+    CAUTIOUS_GROWTHS = 2
     # Answers without rate-limit headers after which a new writer stops probing with one request.
     HEADERLESS_ANSWERS = 3
     # Readings beyond these are ignored (HubSpot's largest limit is a few hundred per 10 s).
@@ -112,8 +131,9 @@ class RateLimitPacer:
         self.max_requests = max_requests
         self.interval_s = interval_s
         self._started: deque[float] = deque()  # start times of this writer's requests in the window
-        # Answered ones, by start: how long after their window each holds its slot.
-        self._hold: dict[float, list[float]] = {}
+        # Answered ones, by start: each one's round trip, and whether an answer came (the part of
+        # the round trip beyond the fastest holds the slot past its window; without an answer, all).
+        self._hold: dict[float, list[tuple[float, bool] | None]] = {}
         self._history: deque[float] = deque()  # and over the last two windows
         self._in_flight = 0
         self._share: float | None = None  # None until HubSpot's headers told how full the window is
@@ -132,6 +152,8 @@ class RateLimitPacer:
         self._headerless = 0
         self._freed: deque[float] = deque()  # when slots left the window, until used again
         self._full_seen = False  # a reading has shown the window (nearly) full: the ramp is over
+        self._growths = 0  # how many times the share has grown
+        self._last_free = 0.0  # the room the previous reading showed
         self.others = 0  # other writers' requests in the window at the last answer
 
     @property
@@ -151,6 +173,11 @@ class RateLimitPacer:
     def _limit(self) -> int:
         if self._share is None:
             return self.budget
+        if self.others:
+            # With company a share's limit is its nearest whole number: a dithered limit flips
+            # between two values from one answer to the next, and eight writers' flips add up to
+            # more than a slot of noise in the window, which the reserve cannot absorb.
+            return max(1, math.floor(self._share + 0.5))
         return max(1, math.floor(self._share + self._dither))
 
     def concurrency(self, low: int, high: int) -> int:
@@ -188,16 +215,25 @@ class RateLimitPacer:
                     freed.popleft()
                 # Other starts (a share just grown) are spread evenly over the window: no bursts, so
                 # no burst of slots leaving the window at once that every writer would race to fill.
-                # A share just grown is put to use at once by a writer holding most of the window:
-                # others see a share only once it is used, and its growth is most of theirs.
-                catch_up = len(self._started) < limit_n - 1 and self.others <= limit_n
-                spacing = self.CATCH_UP if catch_up else self.SPACING
-                # Once the window has been full (after the ramp, where new shares are not yet seen),
-                # a small share is spaced as one of SPACING_SLOTS: a writer squeezed to one or two
-                # slots would otherwise take a window per slot to grow back when others finish.
-                pace = self.interval_s / max(limit_n, self.SPACING_SLOTS) if self._full_seen else even
+                # During the ramp every writer puts its growth to use at the same pace, so none runs
+                # ahead. After it a share just grown is put to use at once by a writer holding most
+                # of the window: others see a share only once it is used, and its growth is most of
+                # theirs.
+                if not self._full_seen:
+                    spacing = self.RAMP_SPACING
+                elif len(self._started) < limit_n - 1 and self.others <= limit_n:
+                    spacing = self.CATCH_UP
+                else:
+                    spacing = self.SPACING
+                # A small share is spaced as one of SPACING_SLOTS: a writer squeezed to one or two
+                # slots would otherwise take a window per slot to grow back when others finish, and
+                # a ramp that starts from one slot would take windows to get going.
+                pace = self.interval_s / max(limit_n, self.SPACING_SLOTS)
+                # A writer's first requests (a share of one or two during the ramp) confirm what
+                # the first answers showed; they are not spaced.
+                ramp_start = not self._full_seen and limit_n <= 2
                 spaced = (self._started[-1] + pace * spacing
-                          if self._started and self.others and not freed else now)
+                          if self._started and self.others and not freed and not ramp_start else now)
                 # Until the first answer tells how full the app's window is (another worker may have
                 # filled it), one request at a time: the reserve absorbs that probe.
                 probing = not self._answered and self._in_flight > 0
@@ -234,10 +270,13 @@ class RateLimitPacer:
 
         A request leaves the window one interval after it arrived. It arrived after it started, by
         at most its round trip less the fastest round trip of late (the rest of the fastest one is
-        spent on the way back, and a new request takes at least as long to arrive): that excess,
-        known from its answer, holds the slot longer. Most answers come in about the fastest time,
-        so most slots free a window after their start, and one slow answer holds only its own. A
-        request still in flight holds its slot until its answer, or two windows at most.
+        spent on the way back, and a new request takes at least as long to arrive): that excess
+        holds the slot longer. It is reckoned when the slot would free, against the fastest round
+        trip known by then: the first answers of a run are slow (connections still being opened,
+        processes warming up), and reckoned against each other they would free their slots before
+        HubSpot does. Most answers come in about the fastest time, so most slots free a window
+        after their start, and one slow answer holds only its own. A request still in flight holds
+        its slot until its answer, or two windows at most.
         """
         started, hold = self._started, self._hold
         if not started:
@@ -247,24 +286,26 @@ class RateLimitPacer:
         kept: deque[float] = deque()
         freed: list[float] = []
         taken: dict[float, int] = {}  # holds used so far, per start (two requests may share one)
+        fastest = min(self._latencies, default=0.0)
         frees_at = None
         for first in started:
             holds = hold.get(first, ())
             used = taken.get(first, 0)
             taken[first] = used + 1
             if used < len(holds):
-                at = first + self.interval_s + holds[used]
+                round_trip, answered = holds[used]
+                at = first + self.interval_s + max(0.0, round_trip - fastest if answered else round_trip)
             else:  # still in flight
                 at = first + 2 * self.interval_s
             if at <= now:
                 freed.append(at)
                 if used < len(holds):
-                    holds[used] = -1.0  # spent
+                    holds[used] = None  # spent
                 continue
             kept.append(first)
             frees_at = at if frees_at is None else min(frees_at, at)
         for first in taken:
-            left = [extra for extra in hold.get(first, ()) if extra >= 0]
+            left = [held for held in hold.get(first, ()) if held is not None]
             if left:
                 hold[first] = left
             else:
@@ -292,11 +333,10 @@ class RateLimitPacer:
                 if headers is not None:
                     self._latencies.append(now - started)
                     self._margin = min(max(self._latencies) - min(self._latencies), self.interval_s / 50)
-                    extra = now - started - min(self._latencies)
-                else:  # nothing came back: it may have arrived as late as now
-                    extra = now - started
+                # Without an answer the request may have arrived as late as now: its whole round
+                # trip holds the slot, not only what exceeds the fastest.
                 if self._started and started >= self._started[0]:  # its slot is still held
-                    self._hold.setdefault(started, []).append(extra)
+                    self._hold.setdefault(started, []).append((now - started, headers is not None))
             if headers is not None:  # an answer (None: nothing came back, nothing to learn)
                 if self._learn(headers, now, rate_limited, started):
                     self._answered = True
@@ -351,25 +391,37 @@ class RateLimitPacer:
         self._full_seen = self._full_seen or used >= budget - 1
         share = float(max(1, ours)) if self._share is None else self._share
         # Other writers' slots between leaving the window and being used again look like room.
-        phantom = others * (self._latency_mean() / 2 + self._margin) / self.interval_s
+        # Such a slot is away for about its answer's way back beyond the fastest round trip and the
+        # next request's way there: one and a half mean round trips less the fastest.
+        fastest = min(self._latencies, default=0.0)
+        phantom = others * max(0.0, 1.5 * self._latency_mean() - fastest) / self.interval_s
         if rate_limited or used > budget:
             # Everyone scales by the same factor; a share already cut below what is in the window
             # (its requests have not left yet) is not cut again for the same reading.
             share = min(share, max(1.0, ours) * budget / max(used, budget + 1))
         else:
             free = budget - others - phantom - share
+            last_free, self._last_free = self._last_free, free
             # One increase per round trip: an answer to a request sent before the last increase
             # does not show it yet (an answer that grew nothing holds off none).
             # Only a share in use is grown: others cannot see a share not yet used, so growing
             # it again would build on room they are about to take.
             realized = ours >= math.floor(share)
-            if (free >= 0.5 or (free > 0 and not others)) and realized and (
+            if (free >= self.ROOM or (free > 0 and not others)) and realized and (
                     started is None or started >= self._grown_at):
                 grown_from = share
                 if others:
                     bulk = max(0.0, free - max(1, round(budget * self.CLAIM_ONLY)))
-                    share += self.TAKE * bulk * share / (share + others)
-                    if self._rng.random() < self.CLAIMS_PER_WRITER / max(1.0, share):
+                    growth = self.TAKE * bulk * share / (share + others)
+                    if self._growths < self.CAUTIOUS_GROWTHS:
+                        # Writers that start together see each other only as their requests
+                        # arrive: an early reading shows few of them, and the first writers to
+                        # read it would take the room of those not yet seen.
+                        growth = min(growth, share)
+                    share += growth
+                    # A claim needs the room in two readings in a row: a slot of another writer
+                    # between leaving the window and its reuse shows as room in one.
+                    if last_free >= self.ROOM and self._rng.random() < self.CLAIMS_PER_WRITER / max(1.0, share):
                         share += 1
                 elif self._alone:
                     share += free
@@ -381,7 +433,8 @@ class RateLimitPacer:
                 share = min(share, budget - others - phantom)
                 if share > grown_from:  # an answer that grew nothing holds off no later one
                     self._grown_at = now
-            elif others and free < 0.5 and self._rng.random() < self.YIELD * share / (share + others):
+                    self._growths += 1
+            elif others and free < 0 and self._rng.random() < self.YIELD * share / (share + others):
                 share -= 1
         # Never above the budget: a limit that went down (or a share learned from an odd reading).
         self._share = max(1.0, min(share, float(budget)))

@@ -74,7 +74,7 @@ class _Writer:
 class Simulation:
     def __init__(self, writers: int, *, windows: int, rate_max: int, interval_ms: int, latency_ms: float,
                  jitter: float, stall_chance: float, stall_ms: float, concurrency: int, stagger_s: float,
-                 seed: int) -> None:
+                 seed: int, cold_ms: float = 0.0) -> None:
         self.rng = random.Random(seed)
         self.now = 0.0
         self.rate_max = rate_max
@@ -84,8 +84,10 @@ class Simulation:
         self.jitter = jitter
         self.stall_chance = stall_chance
         self.stall_s = stall_ms / 1000
+        self.cold_s = cold_ms / 1000
         self.concurrency = concurrency
         self.window: list[float] = []  # arrival times counted in the server's window, in order
+        self.rejected_by_window: dict[int, int] = {}  # 429s by the window they came in (0: the first)
         self.events: list[tuple[float, int, object]] = []
         self.seq = 0
         total = int(rate_max / self.interval_s * windows * self.interval_s)
@@ -101,6 +103,8 @@ class Simulation:
         rtt = self.latency_s * math.exp(self.rng.gauss(0, self.jitter))
         if self.rng.random() < self.stall_chance:
             rtt += self.rng.random() * self.stall_s
+        if self.now < self.interval_s / 2:  # processes still warming up (imports, first connections)
+            rtt += self.rng.random() * self.cold_s
         there = rtt * self.rng.uniform(0.3, 0.7)
         return there, rtt - there
 
@@ -140,7 +144,10 @@ class Simulation:
 
     def arrive(self, writer: _Writer, t: int, back: float) -> None:
         rejected = self.count(self.now) >= self.rate_max
-        if not rejected:
+        if rejected:
+            index = int(self.now // self.interval_s)
+            self.rejected_by_window[index] = self.rejected_by_window.get(index, 0) + 1
+        else:
             self.window.append(self.now)
         headers = {"X-HubSpot-RateLimit-Max": str(self.rate_max),
                    "X-HubSpot-RateLimit-Interval-Milliseconds": str(self.interval_ms),
@@ -183,8 +190,10 @@ class Simulation:
         requests = sum(w.requests for w in self.writers)
         rejected = sum(w.rejected for w in self.writers)
         ceiling = self.rate_max / self.interval_s
+        ended = sorted(w.ended_at or self.now for w in self.writers)
         return {"of_ceiling_pct": 100 * self.total / wall / ceiling, "pct_429": 100 * rejected / max(1, requests),
-                "ended_s": sorted(round(w.ended_at or 0, 1) for w in self.writers)}
+                "first_end_pct_of_last": 100 * ended[0] / ended[-1], "ended_s": [round(t, 1) for t in ended],
+                "rejected_in_first_window": self.rejected_by_window.get(0, 0), "rejected": rejected}
 
 
 def main() -> None:
@@ -199,6 +208,8 @@ def main() -> None:
     parser.add_argument("--stall-chance", type=float, default=0.02)
     parser.add_argument("--stall-ms", type=float, default=60.0)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--cold-ms", type=float, default=0.0,
+                        help="up to this much more round trip in the first half window (processes warming up)")
     parser.add_argument("--stagger-s", type=float, default=0.0)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="try another value of one of the pacer's constants, e.g. --set YIELD=0.1")
@@ -213,12 +224,18 @@ def main() -> None:
         runs = [Simulation(n, windows=args.windows, rate_max=args.rate_max, interval_ms=args.interval_ms,
                            latency_ms=args.latency_ms, jitter=args.jitter, stall_chance=args.stall_chance,
                            stall_ms=args.stall_ms, concurrency=args.concurrency, stagger_s=args.stagger_s,
-                           seed=seed).run() for seed in range(args.seeds)]
+                           seed=seed, cold_ms=args.cold_ms).run() for seed in range(args.seeds)]
         pct = [r["of_ceiling_pct"] for r in runs]
         rejected = [r["pct_429"] for r in runs]
         rows.append({"writers": n, "of_ceiling_pct_mean": round(statistics.mean(pct), 1),
                      "of_ceiling_pct_min": round(min(pct), 1), "pct_429_mean": round(statistics.mean(rejected), 2),
-                     "pct_429_max": round(max(rejected), 2), "ended_s_seed0": runs[0]["ended_s"]})
+                     "pct_429_max": round(max(rejected), 2),
+                     # Fair shares end together: the first writer's end as a part of the last one's.
+                     "first_end_pct_of_last_mean": round(statistics.mean(r["first_end_pct_of_last"] for r in runs)),
+                     # The ramp's part of the 429s: those that came in the first window.
+                     "pct_429_in_first_window": round(100 * sum(r["rejected_in_first_window"] for r in runs)
+                                                      / max(1, sum(r["rejected"] for r in runs))),
+                     "ended_s_seed0": runs[0]["ended_s"]})
     print(json.dumps({"simulated": vars(args), "rows": rows}, indent=2))
 
 
