@@ -201,6 +201,8 @@ def at_budget(own: int, seed: int) -> RateLimitPacer:
 def test_at_the_budget_a_writer_yields_only_when_others_write():
     alone = at_budget(MAX - 1, 3)
     shared = at_budget(20, 3)
+    for pacer in (alone, shared):  # 10 ms round trips: some of the others' slots are in transit
+        pacer._latencies.extend([0.01, 0.01, 0.01])
     for _ in range(300):
         # The window sits at the budget: 49.
         alone._in_flight += 1
@@ -214,6 +216,7 @@ def test_at_the_budget_a_writer_yields_only_when_others_write():
 def test_a_bigger_writer_yields_more_often_than_a_smaller_one():
     def yields(own: int, others: int) -> int:
         pacer = at_budget(own, 11)
+        pacer._latencies.extend([0.01, 0.01, 0.01])  # some of the others' slots are in transit
         count = 0
         for _ in range(2000):
             pacer._in_flight += 1
@@ -305,6 +308,28 @@ def test_a_slow_first_answer_holds_its_slot_by_the_fastest_round_trip_known_when
     assert pacer.acquire(timeout=0)
 
 
+def test_a_request_without_an_answer_holds_its_slot_its_whole_round_trip_beyond_the_window():
+    clock = Clock()
+    pacer = RateLimitPacer(MAX, 1.0, clock=clock)
+    pacer._answered, pacer._alone, pacer._share = True, True, 2.0
+    fast = clock.now
+    assert pacer.acquire(timeout=0)
+    clock.now += 0.01
+    answered(pacer, fast, 1)  # the fastest round trip: 10 ms
+    lost = clock.now
+    assert pacer.acquire(timeout=0)
+    clock.now += 0.2
+    pacer._local.started_at = lost
+    pacer.release(None)  # 200 ms, and no answer: it may have arrived as late as now
+    pacer._share = 1.0
+    # An answer would have held it 190 ms beyond its window (its round trip less the fastest);
+    # without one, the whole 200 ms.
+    clock.now = lost + 1.195
+    assert not pacer.acquire(timeout=0)
+    clock.now = lost + 1.201
+    assert pacer.acquire(timeout=0)
+
+
 def test_a_request_still_in_flight_holds_only_its_own_slot_and_two_windows_at_most():
     clock = Clock()
     pacer = RateLimitPacer(MAX, 1.0, clock=clock)
@@ -386,9 +411,17 @@ def test_a_grown_share_goes_out_at_once_only_for_a_writer_holding_most_of_the_wi
     assert pacer.acquire(timeout=0)
 
 
+class Always(random.Random):
+    """Every chance taken."""
+
+    def random(self) -> float:
+        return 0.0
+
+
 @pytest.mark.parametrize(("share", "after"), [(20.4, 20.4), (19.6, 20.6)])
 def test_a_slot_of_room_is_claimed_and_less_is_held(share, after):
     pacer = at_budget(20, 9)
+    pacer._rng = Always()
     clock = Clock()
     clock.now = time.monotonic()  # and no time passes: none of the others' slots are in transit
     pacer._clock, pacer._local.started_at = clock, None
@@ -404,7 +437,8 @@ def test_a_slot_of_room_is_claimed_and_less_is_held(share, after):
         if pacer.share != share:
             break
     assert pacer.others == 28 and pacer.share == pytest.approx(after)
-    assert shares[0] == share  # the first reading alone is not enough for a claim
+    # Every chance is taken, yet the first reading alone is not enough for a claim.
+    assert shares[0] == share and len(shares) == (2 if after != share else 300)
 
 
 def test_a_slot_that_left_the_window_is_used_again_at_once_and_only_growth_is_spaced():
@@ -563,12 +597,13 @@ def test_the_simulator_of_writers_still_drives_the_pacer():
     assert 0 < result["of_ceiling_pct"] <= 100
 
 
-@pytest.mark.parametrize(("full_seen", "share", "spaced_s"), [(True, 2.0, 0.6 / 8), (False, 4.0, 0.3 / 8),
-                                                          (False, 16.0, 0.3 / 16), (False, 2.0, 0.0)])
-def test_a_small_share_grows_at_a_fair_pace_and_every_writer_ramps_alike(full_seen, share, spaced_s):
+@pytest.mark.parametrize(("full_seen", "share", "others", "spaced_s"), [
+    (True, 2.0, 40, 0.6 / 8), (False, 4.0, 40, 0.3 / 8), (False, 16.0, 30, 0.3 / 16),
+    (False, 16.0, 4, 0.3 / 16), (False, 2.0, 40, 0.0)])
+def test_a_small_share_grows_at_a_fair_pace_and_every_writer_ramps_alike(full_seen, share, others, spaced_s):
     clock = Clock()
     pacer = RateLimitPacer(MAX, 1.0, clock=clock)
-    pacer._answered, pacer.others, pacer._full_seen = True, 40, full_seen
+    pacer._answered, pacer.others, pacer._full_seen = True, others, full_seen
     pacer._share = share  # squeezed to two slots as the others leave, or a share in the ramp
     assert pacer.acquire(timeout=0)
     if spaced_s:
@@ -578,7 +613,8 @@ def test_a_small_share_grows_at_a_fair_pace_and_every_writer_ramps_alike(full_se
     # After the ramp, a share of two is spaced as one of eight (75 ms), not as one of two (0.3 s,
     # a window per slot to grow back when the others leave). In the ramp every writer, however
     # few of the window's requests it holds (40 others here), puts its growth to use at the same
-    # pace (0.3 of the even spacing; of eight slots at least), and its first requests at once.
+    # pace (0.3 of the even spacing; of eight slots at least), and its first requests at once: the
+    # writer holding most of the window (16 of 20 here) does not run ahead.
     assert pacer.acquire(timeout=0)
 
 
@@ -603,12 +639,14 @@ def test_the_first_growths_with_company_are_at_most_a_doubling():
 def test_with_company_a_share_s_limit_is_its_nearest_whole_number():
     shared, alone = at_budget(20, 4), at_budget(20, 4)
     shared.others, alone.others = 28, 0
-    limits = {"shared": set(), "alone": set()}
+    limits: dict[tuple[str, float], set[int]] = {}
     for _ in range(200):
         for name, pacer in (("shared", shared), ("alone", alone)):
-            pacer._share = 20.4
-            pacer._dither = pacer._rng.random()
-            limits[name].add(pacer._limit())
+            for share in (20.4, 20.6):
+                pacer._share = share
+                pacer._dither = pacer._rng.random()
+                limits.setdefault((name, share), set()).add(pacer._limit())
     # Eight writers whose limits flip between two values answer by answer add up to more than the
     # reserve of one slot; with company the limit holds still. Alone, the fraction is dithered.
-    assert limits["shared"] == {20} and limits["alone"] == {20, 21}
+    assert limits[("shared", 20.4)] == {20} and limits[("shared", 20.6)] == {21}
+    assert limits[("alone", 20.4)] == limits[("alone", 20.6)] == {20, 21}

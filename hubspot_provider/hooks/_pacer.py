@@ -24,7 +24,7 @@ class RateLimitPacer:
     HubSpot counts an app's requests in a rolling window (``X-HubSpot-RateLimit-Max`` requests per
     ``-Interval-Milliseconds``) from when each arrives. The pacer remembers when each of its own
     requests started and frees the slot one window later, plus however much longer than the
-    fastest recent round trip that request's own answer took (it may have arrived that much
+    fastest round trip seen that request's own answer took (it may have arrived that much
     later): most slots free a window after their start, and a slow answer holds only its own.
     Counting from the answer instead would stretch every window by the latency.
 
@@ -44,11 +44,11 @@ class RateLimitPacer:
       another writer's, and a share cut by a reading at the limit grows back to the budget.
     * **Only a share in use grows.** Others cannot see a share until its requests arrive, so a
       writer whose window holds fewer requests than its share does not grow it again.
-    * **The first two growths with others writing are at most a doubling.** Writers that start
-      together see each other only as their requests arrive: the first to read the window see few
-      of the others, and taking their part of the room by that reading would take the room of
-      those not yet seen (eight writers took 125% of the budget this way, and the first to read
-      kept twice the share of the last).
+    * **A share's first two growths are at most a doubling** (plus a claim), with others writing
+      as without. Writers that start together see each other only as their requests arrive: the
+      first to read the window see few of the others, and taking their part of the room by that
+      reading would take the room of those not yet seen (eight writers took 125% of the budget
+      this way, and the first to read kept twice the share of the last).
     * **Room left**: a writer takes half the room times its part of the window, so all together
       take half the room per round trip (one increase per round trip: an older reading does not
       show it) and approach the budget without overshooting it. The last
@@ -56,8 +56,9 @@ class RateLimitPacer:
       ``0.5 / share``: half a claim per window for each writer, whatever its share. A claim needs
       a whole slot of room in this reading and the writer's previous one: another writer's slot
       between leaving the window and its reuse shows as room in one reading.
-    * **Over the budget** by the reading (no room at all), while others write: a writer gives a
-      slot back at a chance per answer of
+    * **No room left** (its share, the others' requests and the slots in transit come to more
+      than the budget, while the window itself is not over it), while others write: a writer
+      gives a slot back at a chance per answer of
       ``8% × its part of the window``, so each writer's yields grow with the square of its share
       while its claims do not grow at all (additive increase, multiplicative decrease): shares
       converge to equal (a fair share), and the slot freed goes to whoever claims it first.
@@ -80,7 +81,8 @@ class RateLimitPacer:
       slot or two regrows as fast as a fair one when others finish), so no burst of slots leaves
       the window at once for every writer to race for (a writer alone sends as fast as its window
       allows). Until the window has been seen full (the ramp) every writer puts its growth to use
-      at the same pace, 1/0.3 of that rate, so that none runs ahead, and its first requests (a
+      at the same part of that rate, 1/0.3 of it, whatever part of the window it holds (after the
+      ramp, only the writer holding most of the window goes faster), and its first requests (a
       share of one or two) go out at once. After the ramp, a share just grown is put to use at
       once (at 20 times the even rate) by a writer that holds at least as many of the window's
       requests as all others together: until it is used others cannot see it, and a slow regrowth
@@ -94,8 +96,9 @@ class RateLimitPacer:
 
     # Part of the room all writers together take per round trip.
     TAKE = 0.5
-    # Room (in slots) that counts as room with others writing: this much in two readings in a row,
-    # and a writer claims a slot.
+    # Room (in slots) that counts as room with others writing: a share grows only with this much
+    # (beyond the part only claims fill) and claims a slot only with this much in two readings in
+    # a row.
     ROOM = 1.0
     # Slots each writer claims per window, whatever its share, while the last part of the budget
     # has room (seen in two readings in a row).
@@ -142,6 +145,7 @@ class RateLimitPacer:
         self._cond = threading.Condition()
         self._local = threading.local()
         self._latencies: deque[float] = deque(maxlen=64)
+        self._fastest = math.inf  # the fastest round trip ever seen: slots are held against it
         self._margin = 0.0
         self._rng = rng or random.Random()
         self._dither = self._rng.random()
@@ -215,8 +219,8 @@ class RateLimitPacer:
                     freed.popleft()
                 # Other starts (a share just grown) are spread evenly over the window: no bursts, so
                 # no burst of slots leaving the window at once that every writer would race to fill.
-                # During the ramp every writer puts its growth to use at the same pace, so none runs
-                # ahead. After it a share just grown is put to use at once by a writer holding most
+                # During the ramp every writer puts its growth to use at the same part of its even
+                # rate, whatever part of the window it holds. After it a share just grown is put to use at once by a writer holding most
                 # of the window: others see a share only once it is used, and its growth is most of
                 # theirs.
                 if not self._full_seen:
@@ -272,7 +276,7 @@ class RateLimitPacer:
         at most its round trip less the fastest round trip of late (the rest of the fastest one is
         spent on the way back, and a new request takes at least as long to arrive): that excess
         holds the slot longer. It is reckoned when the slot would free, against the fastest round
-        trip known by then: the first answers of a run are slow (connections still being opened,
+        trip seen by then: the first answers of a run are slow (connections still being opened,
         processes warming up), and reckoned against each other they would free their slots before
         HubSpot does. Most answers come in about the fastest time, so most slots free a window
         after their start, and one slow answer holds only its own. A request still in flight holds
@@ -286,7 +290,9 @@ class RateLimitPacer:
         kept: deque[float] = deque()
         freed: list[float] = []
         taken: dict[float, int] = {}  # holds used so far, per start (two requests may share one)
-        fastest = min(self._latencies, default=0.0)
+        # The fastest round trip ever seen, not of late: were it to rise (answers slowing down), a
+        # slot held against a faster one could free before HubSpot lets it go.
+        fastest = 0.0 if self._fastest == math.inf else self._fastest
         frees_at = None
         for first in started:
             holds = hold.get(first, ())
@@ -332,6 +338,7 @@ class RateLimitPacer:
             if started is not None and not rate_limited:
                 if headers is not None:
                     self._latencies.append(now - started)
+                    self._fastest = min(self._fastest, now - started)
                     self._margin = min(max(self._latencies) - min(self._latencies), self.interval_s / 50)
                 # Without an answer the request may have arrived as late as now: its whole round
                 # trip holds the slot, not only what exceeds the fastest.
@@ -391,14 +398,16 @@ class RateLimitPacer:
         self._full_seen = self._full_seen or used >= budget - 1
         share = float(max(1, ours)) if self._share is None else self._share
         # Other writers' slots between leaving the window and being used again look like room.
-        # Such a slot is away for about its answer's way back beyond the fastest round trip and the
-        # next request's way there: one and a half mean round trips less the fastest.
+        # Such a slot is away for its answer's way back beyond the fastest round trip and the next
+        # request's way there: on average a mean round trip less the fastest, counted here with
+        # half a mean round trip more as a margin (chosen in the simulator, not derived).
         fastest = min(self._latencies, default=0.0)
         phantom = others * max(0.0, 1.5 * self._latency_mean() - fastest) / self.interval_s
         if rate_limited or used > budget:
             # Everyone scales by the same factor; a share already cut below what is in the window
             # (its requests have not left yet) is not cut again for the same reading.
             share = min(share, max(1.0, ours) * budget / max(used, budget + 1))
+            self._last_free = -1.0  # no room: the next reading alone does not make a claim
         else:
             free = budget - others - phantom - share
             last_free, self._last_free = self._last_free, free

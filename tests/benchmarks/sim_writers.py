@@ -10,7 +10,10 @@ it answers, as the emulator does. Round trips are ``--latency-ms`` with log-norm
 chance per request, a stall (a busy CPU, a garbage collection). A 429 blocks the writer for
 ``wait_after_429`` and the batch is sent again, as the hook does.
 
-Run with ``./bin/bench sim [--writers 1,2,4,8] [--seeds 5]``; prints JSON. Nothing is asserted: a
+Run with ``./bin/bench sim [--writers 1,2,4,8] [--seeds 5]``; prints JSON. With ``--stagger-s`` the
+writers end apart by design and the ramp is not in the first window, so the fairness figure
+(the first writer's end as a part of the last one's) and the first window's part of the 429s
+are for writers that start together. Nothing is asserted: a
 simulation leaves out what real processes add (CPU contention between writers, scheduling), so its
 figures guide, and the real benchmark's are the ones the README gives.
 """
