@@ -259,6 +259,14 @@ class Clock:
         return self.now
 
 
+def alone_on_a_clock(share: float) -> tuple[Clock, RateLimitPacer]:
+    """A writer past its first answer, alone with a share of ``share``, on a clock the test moves."""
+    clock = Clock()
+    pacer = RateLimitPacer(MAX, 1.0, clock=clock)
+    pacer._answered, pacer._alone, pacer._share = True, True, share
+    return clock, pacer
+
+
 def answered(pacer: RateLimitPacer, started: float, used: int) -> None:
     """The answer to the request of ours that started at ``started`` (another thread's, say)."""
     pacer._local.started_at = started
@@ -266,9 +274,7 @@ def answered(pacer: RateLimitPacer, started: float, used: int) -> None:
 
 
 def test_a_slot_frees_a_window_after_its_start_plus_only_its_own_answer_s_delay():
-    clock = Clock()
-    pacer = RateLimitPacer(MAX, 1.0, clock=clock)
-    pacer._answered, pacer._alone, pacer._share = True, True, 2.0
+    clock, pacer = alone_on_a_clock(2.0)
     fast, slow = clock.now, clock.now + 0.02
     assert pacer.acquire(timeout=0)
     clock.now += 0.01
@@ -287,9 +293,7 @@ def test_a_slot_frees_a_window_after_its_start_plus_only_its_own_answer_s_delay(
 
 
 def test_a_slow_first_answer_holds_its_slot_by_the_fastest_round_trip_known_when_it_frees():
-    clock = Clock()
-    pacer = RateLimitPacer(MAX, 1.0, clock=clock)
-    pacer._answered, pacer._alone, pacer._share = True, True, 2.0
+    clock, pacer = alone_on_a_clock(2.0)
     slow = clock.now
     assert pacer.acquire(timeout=0)
     clock.now += 0.1
@@ -309,9 +313,7 @@ def test_a_slow_first_answer_holds_its_slot_by_the_fastest_round_trip_known_when
 
 
 def test_a_request_without_an_answer_holds_its_slot_its_whole_round_trip_beyond_the_window():
-    clock = Clock()
-    pacer = RateLimitPacer(MAX, 1.0, clock=clock)
-    pacer._answered, pacer._alone, pacer._share = True, True, 2.0
+    clock, pacer = alone_on_a_clock(2.0)
     fast = clock.now
     assert pacer.acquire(timeout=0)
     clock.now += 0.01
@@ -331,9 +333,7 @@ def test_a_request_without_an_answer_holds_its_slot_its_whole_round_trip_beyond_
 
 
 def test_a_request_still_in_flight_holds_only_its_own_slot_and_two_windows_at_most():
-    clock = Clock()
-    pacer = RateLimitPacer(MAX, 1.0, clock=clock)
-    pacer._answered, pacer._alone, pacer._share = True, True, 2.0
+    clock, pacer = alone_on_a_clock(2.0)
     hung = clock.now
     assert pacer.acquire(timeout=0)  # never answered (a read that hangs)
     clock.now += 0.02
@@ -442,9 +442,7 @@ def test_a_slot_of_room_is_claimed_and_less_is_held(share, after):
 
 
 def test_a_slot_that_left_the_window_is_used_again_at_once_and_only_growth_is_spaced():
-    clock = Clock()
-    pacer = RateLimitPacer(MAX, 1.0, clock=clock)
-    pacer._answered, pacer._alone, pacer._share = True, True, 10.0
+    clock, pacer = alone_on_a_clock(10.0)
     first = clock.now
     for i in range(10):  # a burst of ten (alone, nothing is spaced), each answered at once
         clock.now = first + i * 0.001
@@ -504,9 +502,7 @@ def test_an_answer_that_grows_nothing_does_not_hold_off_the_next_one():
 
 
 def test_a_slot_left_unused_for_longer_is_room_like_any_other():
-    clock = Clock()
-    pacer = RateLimitPacer(MAX, 1.0, clock=clock)
-    pacer._answered, pacer._alone, pacer._share = True, True, 10.0
+    clock, pacer = alone_on_a_clock(10.0)
     first = clock.now
     for i in range(10):
         clock.now = first + i * 0.001

@@ -220,9 +220,9 @@ class RateLimitPacer:
                 # Other starts (a share just grown) are spread evenly over the window: no bursts, so
                 # no burst of slots leaving the window at once that every writer would race to fill.
                 # During the ramp every writer puts its growth to use at the same part of its even
-                # rate, whatever part of the window it holds. After it a share just grown is put to use at once by a writer holding most
-                # of the window: others see a share only once it is used, and its growth is most of
-                # theirs.
+                # rate, whatever part of the window it holds. After it, a share just grown is put to
+                # use at once by a writer holding most of the window: others see a share only once
+                # it is used, and its growth is most of theirs.
                 if not self._full_seen:
                     spacing = self.RAMP_SPACING
                 elif len(self._started) < limit_n - 1 and self.others <= limit_n:
@@ -291,8 +291,9 @@ class RateLimitPacer:
         freed: list[float] = []
         taken: dict[float, int] = {}  # holds used so far, per start (two requests may share one)
         # The fastest round trip ever seen, not of late: were it to rise (answers slowing down), a
-        # slot held against a faster one could free before HubSpot lets it go.
-        fastest = 0.0 if self._fastest == math.inf else self._fastest
+        # slot held against a faster one could free before HubSpot lets it go. (It is known once
+        # any request has been answered; an unanswered one's hold does not use it.)
+        fastest = self._fastest
         frees_at = None
         for first in started:
             holds = hold.get(first, ())
